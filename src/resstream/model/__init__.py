@@ -1,0 +1,3 @@
+from resstream.model.lm import LM
+
+__all__ = ["LM"]

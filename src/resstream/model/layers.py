@@ -1,0 +1,95 @@
+"""Building blocks: RMSNorm, rotary embeddings, causal attention (SDPA, GQA), SwiGLU MLP.
+
+Each sublayer owns its PreNorm and returns its raw output f(x) = g(norm(x)); how outputs
+are joined is the residual stream's business, not theirs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resstream.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles: [seq_len, head_dim // 2] each."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (first half, second half) of each head: x [B, H, T, hd]; cos/sin [T, hd/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """PreNorm causal self-attention with RoPE and grouped-query heads; returns the raw output.
+
+    ``kv_cache`` (optional, for decoding): a KVCache whose ``update(k, v)`` appends this call's
+    keys and values and returns the full history; positions start at ``kv_cache.pos``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+        self.wo.is_output_proj = True
+        cos, sin = rope_tables(cfg.max_seq_len, self.hd, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: Tensor, kv_cache=None) -> Tensor:
+        B, T, _ = x.shape
+        h = self.norm(x)
+        q = self.wq(h).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
+        v = self.wv(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        start = 0 if kv_cache is None else kv_cache.pos
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        if self.n_kv != self.n_heads:  # grouped-query: share each KV head among its group
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if kv_cache is None or start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries at positions start..start+T-1 see every cached key up to their own
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """PreNorm SwiGLU MLP (Shazeer, 2020); returns the raw output."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.w_gate = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.w_down = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+        self.w_down.is_output_proj = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        return self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))

@@ -1,0 +1,88 @@
+"""The decoder LM: embed -> L sublayers joined by a ResidualStream -> final norm -> head.
+
+    idx ─► embed ─► stream.init
+                     │
+             for l in 0..L-1:   x_l = stream.read(state, l)
+                                y_l = sublayer_l(x_l)        (attention if l even, else MLP)
+                                state = stream.write(state, l, y_l)
+                     │
+          stream.finish ─► final_norm ─► head ─► logits
+
+Parameter names outside ``residual.`` are the same for every residual kind, so a PreNorm
+state dict loads into any kind with only ``residual.*`` missing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resstream.config import ModelConfig
+from resstream.model.layers import MLP, Attention, RMSNorm
+from resstream.residual import build_residual
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.sublayers = nn.ModuleList(
+            [Attention(cfg) if l % 2 == 0 else MLP(cfg) for l in range(cfg.n_sublayers)]
+        )
+        self.residual = build_residual(cfg)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init; output projections scaled by 1/sqrt(L). Residual parameters
+        are initialised by the stream itself, after (so nothing here overwrites them)."""
+        std = self.cfg.init_std
+        for module in [self.embed, self.sublayers, self.final_norm, self.head]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    s = std / math.sqrt(self.cfg.n_sublayers) if getattr(m, "is_output_proj", False) else std
+                    nn.init.normal_(m.weight, mean=0.0, std=s)
+                elif isinstance(m, nn.Embedding):
+                    nn.init.normal_(m.weight, mean=0.0, std=std)
+                elif isinstance(m, RMSNorm):
+                    nn.init.ones_(m.weight)
+        self.residual.reset_parameters()
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, return_mixing: bool = False):
+        """idx [B, T] -> logits [B, T, V].
+
+        With ``targets`` returns (logits, loss); loss is the mean cross-entropy, ignoring
+        targets of -1. With ``return_mixing`` also returns the depth-mixing weights: a list
+        of L + 1 entries (each sublayer input, then the final mixture), each [B, T, n_sources]
+        or None for kinds that do not mix; names in ``model.residual.source_names(l)``.
+        """
+        stream = self.residual
+        state = stream.init(self.embed(idx))
+        mixing = []
+        for l, sublayer in enumerate(self.sublayers):
+            if return_mixing:
+                x, w = stream.read_weighted(state, l)
+                mixing.append(w)
+            else:
+                x = stream.read(state, l)
+            state = stream.write(state, l, sublayer(x))
+        if return_mixing:
+            h, w = stream.finish_weighted(state)
+            mixing.append(w)
+        else:
+            h = stream.finish(state)
+        logits = self.head(self.final_norm(h))
+        if targets is None:
+            return (logits, None, mixing) if return_mixing else logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return (logits, loss, mixing) if return_mixing else (logits, loss)
+
+    def num_params(self, residual_only: bool = False) -> int:
+        params = self.residual.parameters() if residual_only else self.parameters()
+        return sum(p.numel() for p in params)

@@ -1,0 +1,6 @@
+"""Residual kinds. Importing this package registers every kind."""
+from resstream.residual.base import ResidualStream, State, available_kinds, build_residual, register
+from resstream.residual import prenorm as _prenorm  # noqa: F401  (registers)
+from resstream.residual import attnres as _attnres  # noqa: F401
+
+__all__ = ["ResidualStream", "State", "available_kinds", "build_residual", "register"]

@@ -1,0 +1,30 @@
+"""Standard PreNorm residual: every sublayer output is added with weight one.
+
+    emb ──►(+)──►(+)── ... ──►(+)──► final norm ──► head
+           ▲ │   ▲ │          ▲
+          f_0│  f_1│        f_{L-1}
+           └─┘   └─┘
+
+h_{l+1} = h_l + f_l(h_l), h_0 = emb (Xiong et al., 2020, "On Layer Normalization in the
+Transformer Architecture"). Adds no parameters.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from resstream.residual.base import ResidualStream, State, register
+
+
+@register("prenorm")
+class PreNorm(ResidualStream):
+    def init(self, emb: Tensor) -> State:
+        return {"h": emb}
+
+    def read_weighted(self, state: State, l: int) -> tuple[Tensor, None]:
+        return state["h"], None
+
+    def write(self, state: State, l: int, y: Tensor) -> State:
+        return {**state, "h": state["h"] + y}
+
+    def finish_weighted(self, state: State) -> tuple[Tensor, None]:
+        return state["h"], None

@@ -1,0 +1,25 @@
+"""Shared test helpers: tiny model configs and relative errors."""
+from __future__ import annotations
+
+import torch
+
+from resstream import LM, ModelConfig, ResidualConfig
+
+
+def tiny_cfg(kind: str = "prenorm", n_layers: int = 3, **residual) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=61, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=32,
+        residual=ResidualConfig(kind=kind, **residual),
+    )
+
+
+def randomize_residual(model: LM, scale: float = 0.5) -> None:
+    """Random non-zero residual parameters, so tests do not pass merely because of the init."""
+    with torch.no_grad():
+        for name, p in model.residual.named_parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
