@@ -6,6 +6,20 @@ import torch
 from resstream import LM, ModelConfig, ResidualConfig
 
 
+# (kind, residual options) pairs covered by the generic property tests (tests/test_core.py,
+# generation tests, ...). Each new residual kind adds its rows here.
+KIND_CASES: list[tuple[str, dict]] = [
+    ("prenorm", {}),
+    ("attnres", {}),
+    *[("block_attnres", {"block_size": s}) for s in (1, 2, 4, 5, 6, 9)],
+]
+
+
+def case_id(case: tuple[str, dict]) -> str:
+    kind, opts = case
+    return kind + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
 def tiny_cfg(kind: str = "prenorm", n_layers: int = 3, **residual) -> ModelConfig:
     return ModelConfig(
         vocab_size=61, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, max_seq_len=32,

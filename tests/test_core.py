@@ -7,12 +7,19 @@ import copy
 import pytest
 import torch
 
-from helpers import randomize_residual, rel_err, tiny_cfg
+from helpers import KIND_CASES, case_id, randomize_residual, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
 from resstream.residual.reference import REFERENCES
 
-CORE_KINDS = [("prenorm", {}), ("attnres", {})] + [("block_attnres", {"block_size": s}) for s in (1, 2, 4, 5, 6, 9)]
-IDS = [f"{k}-{o.get('block_size', '')}" for k, o in CORE_KINDS]
+IDS = [case_id(c) for c in KIND_CASES]
+ATTNRES = [c for c in KIND_CASES if c[0] in ("attnres", "block_attnres")]
+ATTNRES_IDS = [case_id(c) for c in ATTNRES]
+
+
+def identity_cases():
+    from resstream.residual.base import _REGISTRY
+    cases = [c for c in KIND_CASES if c[0] != "prenorm" and _REGISTRY[c[0]].identity_at_init]
+    return cases, [case_id(c) for c in cases]
 
 
 def reference_logits(model: LM, idx: torch.Tensor):
@@ -29,7 +36,7 @@ def grads(model: LM, logits: torch.Tensor, R: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("kind,opts", CORE_KINDS, ids=IDS)
+@pytest.mark.parametrize("kind,opts", KIND_CASES, ids=IDS)
 def test_matches_reference_forward_and_gradients(kind, opts, dtype, tol):
     model = LM(tiny_cfg(kind, **opts)).to(dtype)
     randomize_residual(model)
@@ -54,8 +61,8 @@ def test_matches_reference_forward_and_gradients(kind, opts, dtype, tol):
         assert all(w is None for w in mixing)
 
 
-@pytest.mark.parametrize("kind,opts", [k for k in CORE_KINDS if k[0] != "prenorm"], ids=IDS[1:])
-def test_zero_queries_reproduce_prenorm(kind, opts):
+@pytest.mark.parametrize("kind,opts", identity_cases()[0], ids=identity_cases()[1])
+def test_identity_at_init_reproduces_prenorm(kind, opts):
     # a tiny norm epsilon: the mixtures are the *mean* of the sources, equal to PreNorm's sum
     # only after the scale-invariant norms
     cfg = tiny_cfg(kind, **opts).replace(norm_eps=1e-14)
@@ -99,7 +106,7 @@ def test_first_sublayer_reads_the_embedding_exactly():
     assert torch.equal(model.residual.read(state, 0), emb)
 
 
-@pytest.mark.parametrize("kind,opts", CORE_KINDS, ids=IDS)
+@pytest.mark.parametrize("kind,opts", KIND_CASES, ids=IDS)
 def test_causality(kind, opts):
     model = LM(tiny_cfg(kind, **opts))
     randomize_residual(model)
@@ -112,24 +119,33 @@ def test_causality(kind, opts):
     assert not torch.allclose(a[:, t:], b[:, t:])
 
 
-@pytest.mark.parametrize("kind,opts", [k for k in CORE_KINDS if k[0] != "prenorm"], ids=IDS[1:])
+@pytest.mark.parametrize("kind,opts", [c for c in KIND_CASES if c[0] != "prenorm"], ids=IDS[1:])
 def test_every_residual_parameter_matters(kind, opts):
     model = LM(tiny_cfg(kind, **opts)).double()
     randomize_residual(model)
     idx = torch.randint(0, 61, (2, 9))
     logits, loss = model(idx, idx)
     loss.backward()
-    L = model.cfg.n_sublayers
+    assert list(model.residual.parameters()), "a non-PreNorm kind should own parameters"
     for name, p in model.residual.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-        # Row 0 drives sublayer 0, whose only source is the embedding: a softmax over one
-        # source is constant, so that row cannot matter. Every other row must.
-        for row in range(1, L + 1):
-            assert p.grad[row].abs().sum() > 0, f"{name}[{row}]"
         with torch.no_grad():
             before = model(idx)
             p.add_(torch.randn_like(p) * 0.1)
             assert not torch.allclose(model(idx), before), name
+
+
+@pytest.mark.parametrize("kind,opts", ATTNRES, ids=ATTNRES_IDS)
+def test_every_attnres_query_row_matters(kind, opts):
+    model = LM(tiny_cfg(kind, **opts)).double()
+    randomize_residual(model)
+    idx = torch.randint(0, 61, (2, 9))
+    model(idx, idx)[1].backward()
+    # Row 0 drives sublayer 0, whose only source is the embedding: a softmax over one
+    # source is constant, so that row cannot matter. Every other row must.
+    for name, p in model.residual.named_parameters():
+        for row in range(1, model.cfg.n_sublayers + 1):
+            assert p.grad[row].abs().sum() > 0, f"{name}[{row}]"
 
 
 def test_zero_query_init_is_uniform_and_key_norm_gets_no_gradient():
@@ -154,7 +170,7 @@ def test_parameter_free_key_norm():
 
 def test_non_residual_parameters_identical_across_kinds():
     shapes = {}
-    for kind, opts in CORE_KINDS:
+    for kind, opts in KIND_CASES:
         sd = LM(tiny_cfg(kind, **opts)).state_dict()
         shapes[kind] = {k: v.shape for k, v in sd.items() if not k.startswith("residual.")}
     first = next(iter(shapes.values()))
