@@ -1,0 +1,5 @@
+import sys
+
+from resstream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""The `resstream` command: a thin layer over the Python API.
+
+    resstream train    --config configs/tiny.toml [--out RUN_DIR] [key=value ...]
+    resstream train    --resume RUN_DIR [train.steps=N ...]
+    resstream data prepare [--config FILE] [data.corpus=... ...]
+    resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
+    resstream diagnose RUN_DIR [--out DIR]
+    resstream generate RUN_DIR --prompt "..." [--max-new-tokens N] ...
+    resstream kinds
+
+Bad input ends with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from resstream.config import ConfigError, RunConfig, apply_overrides, load_toml
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ConfigError(f"unknown preset '{name}'; known presets: {known}")
+    return path
+
+
+def load_config(config: str | None, preset: str | None, overrides: list[str]) -> RunConfig:
+    if config and preset:
+        raise ConfigError("pass either --config or --preset, not both")
+    path = preset_path(preset) if preset else config
+    data = load_toml(path) if path else {}
+    return RunConfig.from_dict(apply_overrides(data, overrides))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from resstream.train import RESUMABLE_KEYS, train
+    from resstream.train.checkpoint import read_run_config
+
+    if args.resume:
+        if args.config or args.preset or args.out:
+            raise ConfigError("--resume continues a run with its saved config; drop --config/--preset/--out")
+        bad = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0] not in RESUMABLE_KEYS]
+        if bad:
+            raise ConfigError(f"cannot change '{bad[0]}' when resuming; only {', '.join(sorted(RESUMABLE_KEYS))} may change")
+        saved = read_run_config(Path(args.resume))["run"]
+        cfg = RunConfig.from_dict(apply_overrides(saved, args.overrides))
+        result = train(cfg, Path(args.resume), resume=True, progress=not args.no_progress)
+    else:
+        cfg = load_config(args.config, args.preset, args.overrides)
+        result = train(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
+    bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
+    print(f"{result.status}: {result.run_dir} at step {result.step}; val bpb {bpb}; {result.tokens_per_s:.0f} tokens/s")
+    return 0 if result.status in ("finished", "interrupted") else 1
+
+
+def cmd_data_prepare(args) -> int:
+    from resstream.data import format_stats, prepare
+
+    cfg = load_config(args.config, args.preset, args.overrides)
+    prepared = prepare(cfg.data, log=print)
+    print(format_stats(prepared))
+    print(f"cached in {prepared.dir}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from resstream.compare import CompareOptions, compare
+
+    overrides = list(args.overrides)
+    if args.corpus:
+        overrides.append(f"data.corpus={json.dumps(args.corpus)}")
+    if args.steps is not None and args.tokens is not None:
+        raise ConfigError("pass either --steps or --tokens, not both")
+    cfg = load_config(args.config, args.preset or (None if args.config else "demo"), overrides)
+    opts = CompareOptions(
+        residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
+        out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,
+    )
+    compare(cfg, opts)
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from resstream.diagnostics import diagnose_run
+
+    result = diagnose_run(Path(args.run_dir), Path(args.out) if args.out else None, batches=args.batches)
+    print(f"depth plots written to {result['out_dir']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from resstream.model.generate import generate_from_run
+
+    generate_from_run(
+        Path(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=sys.stdout,
+    )
+    return 0
+
+
+def cmd_kinds(args) -> int:
+    from resstream.residual.base import _REGISTRY
+
+    for name, cls in _REGISTRY.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:15s} {doc}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resstream", description="Pluggable residual streams for transformer LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def config_args(sp):
+        sp.add_argument("--config", help="TOML config file (see configs/)")
+        sp.add_argument("--preset", help="a built-in preset: tiny, demo, ...")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=200")
+
+    t = sub.add_parser("train", help="train one model")
+    config_args(t)
+    t.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train)
+
+    dp = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
+    prep = dp.add_parser("prepare", help="tokenize a corpus and print its statistics")
+    config_args(prep)
+    prep.set_defaults(fn=cmd_data_prepare)
+
+    c = sub.add_parser("compare", help="train several residual kinds x seeds and write a report")
+    config_args(c)
+    c.add_argument("--residuals", help="comma-separated kinds, e.g. prenorm,attnres,block_attnres (kind:key=value,... for options)")
+    c.add_argument("--seeds", type=int, help="seeds per kind")
+    c.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
+    c.add_argument("--steps", type=int, help="optimizer steps per run")
+    c.add_argument("--tokens", type=int, help="token budget per run (sets the steps)")
+    c.add_argument("--out", help="output folder (default compare-<name>)")
+    c.add_argument("--force", action="store_true", help="reuse an output folder that holds a different comparison")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(fn=cmd_compare)
+
+    dg = sub.add_parser("diagnose", help="draw depth plots for one run")
+    dg.add_argument("run_dir")
+    dg.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
+    dg.add_argument("--batches", type=int, default=4, help="validation batches to measure on")
+    dg.set_defaults(fn=cmd_diagnose)
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("run_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
+
+    k = sub.add_parser("kinds", help="list the residual kinds")
+    k.set_defaults(fn=cmd_kinds)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resstream.train.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"resstream: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

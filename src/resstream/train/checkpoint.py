@@ -1,0 +1,226 @@
+"""Checkpoints: safetensors + a small JSON, written atomically, verified on load.
+
+Layout of a run folder::
+
+    RUN_DIR/config.json            resolved RunConfig + model config + data location
+    RUN_DIR/tokenizer.json         copy of the run's tokenizer
+    RUN_DIR/metrics.jsonl          one JSON object per logged step
+    RUN_DIR/status.json            running | finished | diverged, with the last good step
+    RUN_DIR/checkpoints/step_000100/{model.safetensors, optimizer.safetensors, state.json}
+
+A checkpoint folder is built under a temporary name, every file fsynced, then renamed into
+place, so a run killed while saving keeps its previous good checkpoint. state.json holds
+the SHA-256 of both tensor files; a truncated or corrupt checkpoint is detected, reported
+in one line, and the previous good one is used. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from resstream.config import ConfigError
+
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Flatten an optimizer state dict into named tensors plus JSON-able group settings."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{idx}.{key}"] = t.detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    groups = meta["param_groups"]
+    for g in groups:  # JSON turned tuples into lists
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:06d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    extra: dict, keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the last ``keep_last``."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(run_dir, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # Tied weights appear twice in the state dict; store each storage once.
+    model_sd, seen = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape)
+        if key in seen:
+            continue
+        seen[key] = k
+        model_sd[k] = v.detach().cpu().contiguous()
+    opt_tensors, opt_meta = optimizer_to_tensors(opt)
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"rng.cuda{i}"] = s
+    for name, tensors in (("model.safetensors", model_sd), ("optimizer.safetensors", {**opt_tensors, **rng})):
+        save_file(tensors, str(tmp / name))
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    state = {
+        "step": step,
+        **extra,
+        "optimizer": opt_meta,
+        "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "optimizer.safetensors")},
+    }
+    with open(tmp / "state.json", "w") as f:
+        json.dump(state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """Verify and read one checkpoint folder: (state, model tensors, optimizer tensors)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        for name, digest in state["sha256"].items():
+            if _sha256(path / name) != digest:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256")
+        model_sd = load_file(str(path / "model.safetensors"))
+        opt_sd = load_file(str(path / "optimizer.safetensors"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # OSError, JSON, KeyError, or safetensors' own errors on truncation
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    return state, model_sd, opt_sd
+
+
+def latest_good_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict, dict, dict] | None:
+    """The newest checkpoint that verifies; each bad one is reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return (path, *read_checkpoint(path))
+        except CheckpointError as e:
+            warn(f"warning: {e}; falling back to the previous checkpoint")
+    return None
+
+
+def load_model_state(model: torch.nn.Module, model_sd: dict) -> None:
+    """Load tensors saved by save_checkpoint (tied weights stored once)."""
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    tied = {"head.weight"} if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a resstream run folder (no config.json); pass a folder made by `resstream train`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"'{path}' is corrupt ({e}); the run cannot be read") from None
+
+
+def load_run(run_dir: Path | str, device: str = "cpu"):
+    """Load a finished or partial run: (model in eval mode, RunConfig, PreparedData).
+
+    Uses the newest checkpoint that verifies. The data is reopened from its cache folder
+    or prepared again from the recorded config (deterministic) if the cache is gone.
+    """
+    from resstream.config import ModelConfig, RunConfig
+    from resstream.data import PreparedData, prepare
+    from resstream.model import LM
+
+    run_dir = Path(run_dir)
+    meta = read_run_config(run_dir)
+    run_cfg = RunConfig.from_dict(meta["run"])
+    found = latest_good_checkpoint(run_dir)
+    if found is None:
+        raise ConfigError(f"run folder '{run_dir}' has no usable checkpoint; train it first (or resume it with --resume)")
+    _, state, model_sd, _ = found
+    data_dir = Path(meta.get("data_dir", ""))
+    try:
+        data = PreparedData.from_dir(data_dir)
+    except Exception:
+        data = prepare(run_cfg.data)
+    model = LM(ModelConfig.from_dict(meta["model"]))
+    load_model_state(model, model_sd)
+    model.to(device).eval()
+    return model, run_cfg, data
