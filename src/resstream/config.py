@@ -299,6 +299,23 @@ class TrainConfig(ConfigBase):
 
 
 @dataclass
+class CompareConfig(ConfigBase):
+    """Defaults for ``resstream compare``: which residual kinds and how many seeds.
+
+    residuals: kinds, each optionally with options: "block_attnres:block_size=4".
+    """
+
+    residuals: tuple[str, ...] = ("prenorm", "attnres", "block_attnres")
+    seeds: int = 2
+    depth_batches: int = 4
+
+    def validate(self) -> None:
+        _require(len(self.residuals) >= 1, "compare.residuals: name at least one residual kind")
+        _require(self.seeds >= 1, f"compare.seeds: must be >= 1, got {self.seeds}")
+        _require(self.depth_batches >= 1, f"compare.depth_batches: must be >= 1, got {self.depth_batches}")
+
+
+@dataclass
 class RunConfig(ConfigBase):
     """Everything one training run needs; written resolved into the run folder."""
 
@@ -306,6 +323,7 @@ class RunConfig(ConfigBase):
     model: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model config, with the vocabulary size taken from the tokenizer."""
