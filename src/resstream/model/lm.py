@@ -14,6 +14,7 @@ state dict loads into any kind with only ``residual.*`` missing.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from torch import Tensor, nn
 from resstream.config import ModelConfig
 from resstream.model.layers import MLP, Attention, RMSNorm
 from resstream.residual import build_residual
+
+if TYPE_CHECKING:  # pragma: no cover
+    from resstream.model.generate import DecodeCache
 
 
 class LM(nn.Module):
@@ -82,6 +86,31 @@ class LM(nn.Module):
             return (logits, None, mixing) if return_mixing else logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return (logits, loss, mixing) if return_mixing else (logits, loss)
+
+    @torch.no_grad()
+    def decode(self, idx: Tensor, cache: "DecodeCache", last_only: bool = False) -> Tensor:
+        """Incremental forward: logits [B, T, V] of the T new tokens idx [B, T] at positions
+        cache.pos.., appending their keys and values to ``cache`` (a model.generate.DecodeCache).
+        The residual state is built and consumed within the call: depth mixing is per token, so
+        only attention K/V persist between calls. ``last_only``: logits of the last position only.
+        """
+        if cache.pos + idx.shape[1] > cache.max_len:
+            raise ValueError(f"decoding past the cache: {cache.pos} + {idx.shape[1]} positions > max_len={cache.max_len}")
+        stream = self.residual
+        state = stream.init(self.embed(idx))
+        for l, sublayer in enumerate(self.sublayers):
+            kv = cache.layers[l]
+            x = stream.read(state, l)
+            state = stream.write(state, l, sublayer(x) if kv is None else sublayer(x, kv_cache=kv))
+        h = stream.finish(state)
+        return self.head(self.final_norm(h[:, -1:] if last_only else h))
+
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> Tensor:
+        """Extend idx [B, T] (or [T]) by max_new_tokens sampled tokens; see model.generate.generate."""
+        from resstream.model.generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed)
 
     def num_params(self, residual_only: bool = False) -> int:
         params = self.residual.parameters() if residual_only else self.parameters()
