@@ -17,6 +17,7 @@ from resstream.data import (
     EOT,
     PreparedData,
     assign_val,
+    cache_key,
     encode_documents,
     format_stats,
     load_corpus,
@@ -278,7 +279,23 @@ def test_interrupted_prepare_leaves_no_cache(tmp_path, text_folder, monkeypatch)
         prepare(_cfg(text_folder, tmp_path))
     assert os.listdir(tmp_path / "cache") == []  # neither a final folder nor a temp one
     monkeypatch.undo()
+
+    # A kill -9 skips cleanup: day-old temp folders go at the next prepare, fresh ones stay
+    # (they may belong to a build running in another process).
+    old, fresh = tmp_path / "cache" / ".tmp-old-1", tmp_path / "cache" / ".tmp-fresh-1"
+    old.mkdir(), fresh.mkdir()
+    os.utime(old, (os.path.getmtime(old) - 2 * 86400,) * 2)
     assert prepare(_cfg(text_folder, tmp_path)).stats["val"]["documents"] == 3
+    assert not old.exists() and fresh.exists()
+
+
+def test_a_foreign_folder_at_the_cache_path_is_not_trusted(tmp_path, text_folder):
+    cfg = _cfg(text_folder, tmp_path)
+    final = tmp_path / "cache" / cache_key(cfg, load_corpus(cfg))
+    final.mkdir(parents=True)
+    (final / "train.bin").write_bytes(b"half")
+    with pytest.raises(ConfigError, match="exists but is not a complete prepared folder; delete it"):
+        prepare(cfg)
 
 
 def test_format_stats_table(tmp_path, text_folder):

@@ -23,12 +23,13 @@ import numpy as np
 import tokenizers
 
 from resstream.config import ConfigError, DataConfig
-from resstream.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, format_stats, shard_dtype
+from resstream.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, shard_dtype
 from resstream.data.sources import Corpus, _sha256, load_corpus
 from resstream.data.split import assign_val, split_key
-from resstream.data.tokenizer import PIECE_CHARS, encode_documents, find_eot_id, load_tokenizer, train_bpe
+from resstream.data.tokenizer import PIECE_CHARS, encode_documents, find_eot_id, load_tokenizer, tokenizer_file, train_bpe
 
 Log = Callable[[str], None]
+TMP_PREFIX = ".tmp-"
 
 
 def default_cache_dir() -> Path:
@@ -37,10 +38,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(cfg: DataConfig, corpus: Corpus) -> str:
     if cfg.tokenizer is not None:
-        p = Path(cfg.tokenizer).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"data.tokenizer: '{cfg.tokenizer}' not found; pass an existing tokenizer.json or unset it to train one")
-        tok_id = _sha256("user", p.read_bytes())
+        tok_id = _sha256("user", tokenizer_file(cfg.tokenizer).read_bytes())
     else:
         # The trainer's output can change between tokenizers releases.
         tok_id = _sha256("bpe", str(cfg.vocab_size), tokenizers.__version__)
@@ -156,7 +154,8 @@ def prepare(cfg: DataConfig, log: Optional[Log] = None) -> PreparedData:
         return PreparedData.from_dir(final)
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    _remove_stale_temps(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key}-", dir=root))
     try:
         _build(cfg, corpus, tmp, key, log)
         try:
@@ -164,11 +163,22 @@ def prepare(cfg: DataConfig, log: Optional[Log] = None) -> PreparedData:
         except OSError:
             # Another process finished the same key first; its folder is just as good.
             if not (final / "meta.json").is_file():
-                raise
+                raise ConfigError(f"data cache: '{final}' exists but is not a complete prepared folder; delete it and retry") from None
         _fsync_path(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    prepared = PreparedData.from_dir(final)
-    log(f"data: wrote {final}\n{format_stats(prepared)}")
-    return prepared
+    log(f"data: wrote {final}")
+    return PreparedData.from_dir(final)
+
+
+def _remove_stale_temps(root: Path, max_age_s: float = 24 * 3600) -> None:
+    """Drop temp folders left by a killed prepare (kill -9 skips our cleanup); a day-old
+    one cannot belong to a build still running on a corpus this tool is meant for."""
+    now = time.time()
+    for p in root.glob(f"{TMP_PREFIX}*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass

@@ -44,10 +44,15 @@ def train_bpe(documents: Iterable[str], vocab_size: int, length: Optional[int] =
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def tokenizer_file(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"data.tokenizer: '{path}' not found; pass an existing tokenizer.json or unset it to train one")
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    p = tokenizer_file(path)
     try:
         return Tokenizer.from_file(str(p))
     except Exception as e:
