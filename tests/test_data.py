@@ -130,6 +130,25 @@ def test_hf_loader_reads_local_jsonl_and_parquet(tmp_path: Path):
         load_hf_documents("json", None, "text", data_files=str(tmp_path / "missing.jsonl"), cache_dir=hf_cache)
 
 
+def test_hf_corpus_spec_goes_through_the_one_loader(tmp_path, monkeypatch):
+    jl = tmp_path / "y.jsonl"
+    jl.write_text('{"body": "first"}\n{"body": "second"}\n')
+    seen = []
+
+    def offline(name, config, text_field, data_files=None, cache_dir=None):
+        seen.append((name, config, text_field))
+        # What a hub dataset would give, served from a local file through the same function.
+        return load_hf_documents("json", None, text_field, data_files=str(jl), cache_dir=str(tmp_path / "hf"))
+
+    import resstream.data.hf as hf_mod
+
+    monkeypatch.setattr(hf_mod, "load_hf_documents", offline)
+    docs = list(load_corpus(DataConfig(corpus="hf:org/some-set:sub-config", text_field="body", max_bytes=6)))
+    assert seen == [("org/some-set", "sub-config", "body")] and docs == ["first"]
+    list(load_corpus(DataConfig(corpus="hf:plain", text_field="body")))
+    assert seen[-1] == ("plain", None, "body")
+
+
 # ----------------------------------------------------------------------------- split
 
 
@@ -202,6 +221,7 @@ def test_user_tokenizer_is_used_as_is_and_big_vocab_gets_uint32(tmp_path, text_f
     assert trained.train.dtype == np.uint16
     reused = prepare(_cfg(text_folder, tmp_path, tokenizer=str(trained.tokenizer_path), vocab_size=999))
     assert reused.dir != trained.dir  # a different key: the tokenizer file is part of it
+    assert reused.tokenizer_path.read_bytes() == trained.tokenizer_path.read_bytes()
     assert np.array_equal(reused.train, trained.train) and np.array_equal(reused.val, trained.val)
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -212,8 +232,9 @@ def test_user_tokenizer_is_used_as_is_and_big_vocab_gets_uint32(tmp_path, text_f
     big.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     big.decoder = decoders.ByteLevel()
     big.add_special_tokens([EOT])
-    big.save(str(tmp_path / "big.json"))
+    big.save(str(tmp_path / "big.json"), pretty=False)
     p = prepare(_cfg(text_folder, tmp_path, tokenizer=str(tmp_path / "big.json")))
+    assert p.tokenizer_path.read_bytes() == (tmp_path / "big.json").read_bytes()  # copied as is, not re-saved
     assert p.vocab_size == 70_257 and p.train.dtype == np.uint32 and p.eot_id == 70_256
     assert p.token_bytes_exact and p.token_bytes[p.train].sum() == p.stats["train"]["bytes"]
 

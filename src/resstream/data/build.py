@@ -61,13 +61,15 @@ def _write_shards(tmp: Path, corpus: Corpus, is_val: np.ndarray, tok, eot_id: in
     stats = {s: {"documents": 0, "bytes": 0, "tokens": 0} for s in SPLITS}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
     eot = np.array([eot_id], dtype=dtype)
+    written = {s: 0 for s in SPLITS}
     try:
         counted = _tee_counted(corpus, stats, is_val)  # counts as the encoder reads
         for i, ids in enumerate(encode_documents(tok, counted, piece_chars=piece_chars)):
             split = "val" if is_val[i] else "train"
-            if stats[split]["tokens"]:  # documents are joined with the end-of-text id between them
+            if written[split]:  # documents are joined with the end-of-text id between them
                 files[split].write(eot.tobytes())
                 stats[split]["tokens"] += 1
+            written[split] += 1
             files[split].write(ids.astype(dtype).tobytes())
             stats[split]["tokens"] += len(ids)
         for f in files.values():
@@ -101,6 +103,7 @@ def _build(cfg: DataConfig, corpus: Corpus, tmp: Path, key: str, log: Log) -> No
 
     if cfg.tokenizer is not None:
         tok = load_tokenizer(cfg.tokenizer)
+        shutil.copyfile(tokenizer_file(cfg.tokenizer), tmp / "tokenizer.json")  # as is, byte for byte
         piece_chars = None  # its pre-tokenizer may not allow exact cuts; encode documents whole
         log(f"data: tokenizer {cfg.tokenizer} ({tok.get_vocab_size():,} ids)")
     else:
@@ -109,7 +112,7 @@ def _build(cfg: DataConfig, corpus: Corpus, tmp: Path, key: str, log: Log) -> No
         tok = train_bpe(train_docs, cfg.vocab_size, length=n_train)
         piece_chars = PIECE_CHARS
         log(f"data: trained byte-level BPE, {tok.get_vocab_size():,} ids, in {time.perf_counter() - t:.1f} s")
-    tok.save(str(tmp / "tokenizer.json"))
+        tok.save(str(tmp / "tokenizer.json"))
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     eot_id = find_eot_id(tok, where=f"tokenizer '{cfg.tokenizer}'")
     dtype = shard_dtype(vocab_size)
