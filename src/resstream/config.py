@@ -141,6 +141,8 @@ class ResidualConfig(ConfigBase):
     dynamic: dynamic (input-dependent) hyper-connections.
     sinkhorn_iters: mHC's Sinkhorn-Knopp iterations.
     window: depth_swa's window W (sublayer outputs visible besides the embedding).
+    ddl_beta_init: DDL's gate beta = 2 sigmoid(.) at init, in (0, 2): 1 is the authors'
+    default (projection regime); values near 0 start near the identity shortcut.
     """
 
     kind: str = "prenorm"
@@ -151,6 +153,7 @@ class ResidualConfig(ConfigBase):
     dynamic: bool = True
     sinkhorn_iters: int = 20
     window: int = 4
+    ddl_beta_init: float = 1.0
 
     def validate(self) -> None:
         from resstream.residual import available_kinds  # late: the registry imports config
@@ -162,6 +165,10 @@ class ResidualConfig(ConfigBase):
         _require(self.n_streams >= 1, f"residual.n_streams: must be >= 1, got {self.n_streams}")
         _require(self.sinkhorn_iters >= 1, f"residual.sinkhorn_iters: must be >= 1, got {self.sinkhorn_iters}")
         _require(self.window >= 1, f"residual.window: must be >= 1, got {self.window}")
+        _require(
+            0.0 < self.ddl_beta_init < 2.0,
+            f"residual.ddl_beta_init: must be in (0, 2) (beta = 2 sigmoid(logit)), got {self.ddl_beta_init}",
+        )
 
 
 @dataclass

@@ -87,8 +87,93 @@ def block_attnres(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tupl
     return h, weights + [a]
 
 
+def denseformer(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tuple[Tensor, list]:
+    """DenseFormer (Pagliardini et al. 2024, section 3): X_0 = emb, X_i = B_i(Y_{i-1}) with B_i
+    a PreNorm block (attention then MLP), Y_i = sum_{j=0..i} a_ij X_j (a_i = ``dwa.{i-1}``),
+    output Y_n. Weights: attention of block i reads Y_{i-1} = [a_{i-1}] over [X_0..X_{i-1}]
+    (Y_0 = X_0: weight [1]); its MLP reads Y_{i-1} + attn, i.e. [a_{i-1}, 1]; final: a_n."""
+    B, T, _ = emb.shape
+    n = len(sublayers) // 2
+
+    def per_token(a: Tensor) -> Tensor:
+        return a.reshape(1, 1, -1).repeat(B, T, 1)
+
+    X = [_f64(emb)]
+    Y = X[0]
+    a_prev = torch.ones(1, dtype=torch.float64)
+    weights = []
+    for i in range(1, n + 1):
+        attn, mlp = sublayers[2 * i - 2], sublayers[2 * i - 1]
+        weights.append(per_token(a_prev))
+        U = Y + attn(Y)
+        weights.append(per_token(torch.cat([a_prev, torch.ones(1, dtype=torch.float64)])))
+        X.append(U + mlp(U))
+        a = _f64(params[f"dwa.{i - 1}"])
+        Y = sum(a[j] * X[j] for j in range(i + 1))
+        a_prev = a
+    return Y, weights + [per_token(a_prev)]
+
+
+def ddl(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tuple[Tensor, list]:
+    """Deep Delta Learning, d_v = 1 (Zhang et al. 2026, Eq. 2.1 with the authors' v):
+    X_{l+1} = A_l X_l + beta_l k_l v_l, A_l = I - beta_l k_l k_l^T, k_l = y_l / sqrt(|y_l|^2 + 1e-10),
+    beta_l = 2 sigmoid(w_b . RMSNorm(X_l) + b_b) (norm eps 1e-6), v_l = 4 sigmoid(w_v . X_l + b_v).
+    The Delta operator is built as an explicit D x D matrix per token."""
+    x = _f64(emb)
+    D = x.shape[-1]
+    eye = torch.eye(D, dtype=torch.float64)
+    for l, f in enumerate(sublayers):
+        y = f(x)
+        k = y / torch.sqrt((y * y).sum(-1, keepdim=True) + 1e-5 ** 2)
+        c = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+        beta = 2 * torch.sigmoid(c @ _f64(params["beta_weight"][l]) + _f64(params["beta_bias"][l]))
+        v = 4 * torch.sigmoid(x @ _f64(params["v_weight"][l]) + _f64(params["v_bias"][l]))
+        b = beta[..., None, None]
+        A = eye - b * k.unsqueeze(-1) * k.unsqueeze(-2)                # [B, T, D, D]
+        x = (A @ x.unsqueeze(-1)).squeeze(-1) + beta.unsqueeze(-1) * k * v.unsqueeze(-1)
+    return x, []
+
+
+def depth_swa(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tuple[Tensor, list]:
+    """AttnRes over a causal depth window: sublayer l attends over [emb, f_{l-W}, ..., f_{l-1}]
+    (outputs with index >= 0); the final mixture over [emb, f_{L-W}, ..., f_{L-1}]."""
+    L, W = len(sublayers), rcfg.window
+    outputs: list[Tensor] = []
+    weights = []
+    for l, f in enumerate(sublayers):
+        sources = [_f64(emb)] + outputs[max(0, l - W) : l]
+        h, a = _attend(sources, params["queries"][l], _g(params, l), rcfg.key_norm_eps)
+        weights.append(a)
+        outputs.append(f(h))
+    sources = [_f64(emb)] + outputs[max(0, L - W) :]
+    h, a = _attend(sources, params["queries"][L], _g(params, L), rcfg.key_norm_eps)
+    return h, weights + [a]
+
+
+def rezero(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tuple[Tensor, list]:
+    """ReZero (Bachlechner et al. 2020): h_{l+1} = h_l + alpha_l f_l(h_l)."""
+    h = _f64(emb)
+    for l, f in enumerate(sublayers):
+        h = h + _f64(params["alpha"])[l] * f(h)
+    return h, []
+
+
+def scaled(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tuple[Tensor, list]:
+    """Residual scaling (Dherin & Munn 2025): h_{l+1} = h_l + f_l(h_l) / sqrt(L)."""
+    lam = 1.0 / len(sublayers) ** 0.5
+    h = _f64(emb)
+    for f in sublayers:
+        h = h + lam * f(h)
+    return h, []
+
+
 REFERENCES: dict[str, Callable] = {
     "prenorm": prenorm,
     "attnres": attnres,
     "block_attnres": block_attnres,
+    "denseformer": denseformer,
+    "ddl": ddl,
+    "depth_swa": depth_swa,
+    "rezero": rezero,
+    "scaled": scaled,
 }

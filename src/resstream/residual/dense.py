@@ -1,0 +1,99 @@
+"""DenseFormer: depth-weighted averaging after every transformer block (Pagliardini, Mohtashami,
+Fleuret, Jaggi, "DenseFormer: Enhancing Information Flow in Transformers via Depth Weighted
+Averaging", NeurIPS 2024, arXiv:2402.02622).
+
+A block is two sublayers (attention, then MLP) joined by ordinary PreNorm residuals. Its
+output X_i (the hidden state after the block) is stored, and the next block reads the
+depth-weighted average (DWA) of the embedding and every block output so far::
+
+    X_0 = emb ─────────────────────────────┬──────────────────────┬───── ...
+      │                                    │                      │
+      Y_0 = X_0 ─► (+attn) ─► (+mlp) ─► X_1 ┤                      │
+                                           ▼                      │
+                  Y_1 = a_10 X_0 + a_11 X_1 ─► (+attn) ─► (+mlp) ─► X_2
+                                                                  ▼
+                          Y_2 = a_20 X_0 + a_21 X_1 + a_22 X_2 ─► ...  Y_n ─► final norm
+
+    X_i = B_i(Y_{i-1}),   Y_i = DWA_i(X_0..X_i) = sum_{j=0..i} a_ij X_j,   output Y_n
+
+The accumulator holds the raw block outputs X_j, never the DWA outputs Y_j (paper section 3,
+and the authors' package). This is the 1x1 DenseFormer: no dilation, a DWA after every block.
+
+Parameters: ``residual.dwa.{i}`` for i = 0..n-1, the i+2 weights (a_{i+1,0}..a_{i+1,i+1})
+of the DWA after block i+1; n(n+3)/2 scalars in all (n = n_layers). Init: weight 1 on the
+current block output, 0 elsewhere, so Y_i = X_i and the model is exactly PreNorm (no norm
+epsilon involved). They are unconstrained (no softmax, no sum-to-one). Weight decay: the
+trainer exempts every ``residual.*`` parameter, so the DWA weights are never decayed (the
+authors' experiment code appears to decay them with every nn.Linear; we do not).
+
+Mixing weights for diagnostics, over source names from ``source_names``: the attention
+sublayer of block i+1 reads Y_i, i.e. the DWA weights over [emb, X1..Xi]; its MLP reads
+Y_i + f_attn, the same weights plus weight 1 on that attention output; the final mixture is
+the last DWA. The weights are the same at every token, returned expanded to [B, T, n].
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from resstream.residual.base import ResidualStream, State, register
+
+
+@register("denseformer")
+class DenseFormer(ResidualStream):
+    identity_at_init = True
+    mixes_depth = True
+    weights_sum_to_one = False  # DWA weights are free scalars, not a softmax
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.n_blocks = self.n_sublayers // 2
+        self.dwa = nn.ParameterList([nn.Parameter(torch.zeros(i + 2)) for i in range(self.n_blocks)])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Identity init (paper section 3): a_ii = 1, a_ij = 0 for j < i.
+        with torch.no_grad():
+            for a in self.dwa:
+                a.zero_()
+                a[-1] = 1.0
+
+    def init(self, emb: Tensor) -> State:
+        return {"h": emb, "blocks": (emb,)}
+
+    def _read_weights(self, l: int, h: Tensor) -> Tensor:
+        """Coefficients of read(l) over source_names(l), expanded to [B, T, n]."""
+        b = l // 2  # sublayer l belongs to block b + 1, whose input is Y_b
+        one = torch.ones(1, dtype=h.dtype, device=h.device)
+        a = one if b == 0 else self.dwa[b - 1].to(h.dtype)  # Y_0 = X_0 = emb
+        if l % 2:  # the MLP reads Y_b + f_{l-1}
+            a = torch.cat([a, one])
+        return a.expand(*h.shape[:-1], -1)
+
+    def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
+        h = state["h"]
+        return h, self._read_weights(l, h)
+
+    def write(self, state: State, l: int, y: Tensor) -> State:
+        h = state["h"] + y  # PreNorm residual inside the block
+        if l % 2 == 0:
+            return {**state, "h": h}
+        # The block is complete: store X_{b+1} and read the next block's input from the DWA.
+        blocks = state["blocks"] + (h,)
+        a = self.dwa[l // 2].to(h.dtype)
+        mixed = a[0] * blocks[0]
+        for j in range(1, len(blocks)):
+            # addcmul: one pass per source, and autograd keeps only X_j, which is alive anyway
+            mixed = torch.addcmul(mixed, blocks[j], a[j])
+        return {"h": mixed, "blocks": blocks}
+
+    def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
+        h = state["h"]
+        return h, self.dwa[-1].to(h.dtype).expand(*h.shape[:-1], -1)
+
+    def source_names(self, l: int) -> list[str]:
+        """``emb``; ``X{j}`` the output of block j (its hidden state after the MLP); ``f{l-1}``
+        the attention output an MLP sublayer also reads."""
+        b = min(l, self.n_sublayers) // 2
+        names = ["emb"] + [f"X{j}" for j in range(1, b + 1)]
+        return names + [f"f{l - 1}"] if l < self.n_sublayers and l % 2 else names
