@@ -12,6 +12,11 @@ KIND_CASES: list[tuple[str, dict]] = [
     ("prenorm", {}),
     ("attnres", {}),
     *[("block_attnres", {"block_size": s}) for s in (1, 2, 4, 5, 6, 9)],
+    ("hc", {"n_streams": 2, "dynamic": False}),
+    ("hc", {"n_streams": 4}),
+    ("hc", {"n_streams": 1}),
+    ("mhc", {"n_streams": 4}),
+    ("mhc", {"n_streams": 3, "dynamic": False}),
     ("denseformer", {}),
     ("ddl", {}),
     ("ddl", {"ddl_beta_init": 1.9}),  # near the reflection regime

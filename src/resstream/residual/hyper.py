@@ -1,0 +1,235 @@
+"""Hyper-Connections (hc) and Manifold-Constrained Hyper-Connections (mhc).
+
+The residual becomes n parallel streams H = (h_1, .., h_n), each [B, T, D]. Every sublayer l
+reads a weighted sum of the streams (width connection), and writes its output into every
+stream with its own weight while the streams are mixed by an n x n matrix (depth connection
+and residual mixing)::
+
+    H_0 = (emb, .., emb)                              n copies of the embedding
+           │
+           ├──► x_l = sum_j pre_j h_j ──► f_l(x_l) = y_l          (read: width connection)
+           │                                   │
+           ▼                                   ▼
+    h_i' = sum_j res_ij h_j      +      post_i y_l                (write: mix, then add)
+           │
+    H_L ──► sum_i h_i ──► final norm ──► head
+
+hc, Zhu et al., "Hyper-Connections", ICLR 2025 (arXiv:2409.19606), Eqs. 1-5 and 10-14.
+Paper notation: pre = A_m, post = B, res = A_r^T (the paper's A_r[j, i] carries stream j
+into stream i). Static coefficients are parameters per sublayer; the dynamic variant adds
+    A_m += s_a tanh(norm(h_j) . W_m),  B += s_b tanh(norm(h_j) . W_b),
+    A_r[j, :] += s_a tanh(norm(h_j) W_r)                        (per stream j, per token)
+Init (Eq. 14): A_m = e_{l mod n}, B = 1, A_r = I, W = 0, s_a = s_b = 0.01. All streams then
+stay equal to PreNorm's h_l, sublayer l reads exactly h_l, and the head sees n h_L: after
+the scale-invariant final norm, the same logits as PreNorm (up to the norm epsilon).
+
+mhc, Xie et al. (DeepSeek), "mHC: Manifold-Constrained Hyper-Connections", arXiv:2512.24880,
+Eqs. 3 and 7-9. Coefficients come from the whole flattened state v = RMSNorm(vec(H)) [nD]:
+    pre  = sigmoid(a_pre v phi_pre + b_pre)                     [n]     non-negative read
+    post = 2 sigmoid(a_post v phi_post + b_post)                [n]     non-negative write
+    res  = SinkhornKnopp(a_res mat(v phi_res) + b_res)          [n, n]  doubly stochastic
+Sinkhorn-Knopp: M = exp(logits), then sinkhorn_iters times normalise columns, then rows, in
+float32 at least. The paper gives a = 0.01 and leaves b's init open; ours puts every matrix
+within 3.4e-4 of hc's Eq. 14 init: b_pre = +8 on stream l mod n and -8 elsewhere
+(sigmoid(-8) = 3.4e-4), b_post = 0 (post = 1 exactly), b_res = 0 on the diagonal and -8 off
+it (res = I to within 3.4e-4 per entry), phi = 0. Since the streams start equal and res's
+rows sum to 1 (the last normalisation is the rows'), the model starts exactly as PreNorm
+up to the norm epsilon, like hc.
+
+Fast path (checked against ``reference.py``): streams are one tensor [B, T, n, D]; the
+coefficients of sublayer l are computed as soon as its input streams exist (in ``init``
+and ``write``), and x_l and the mixed streams come from one matmul [n+1, n] @ [n, D] per
+token. Sinkhorn runs on all tokens at once with the token axes last, so its reductions over
+the tiny n axes are vectorised over tokens; static mhc projects every sublayer's matrix in
+one call per forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from resstream.residual.base import ResidualStream, State, register, stats_dtype
+
+# mhc's static logits: +-INIT_LOGIT puts sigmoid and Sinkhorn within 3.4e-4 of hc's init.
+INIT_LOGIT = 8.0
+# hc's s_a, s_b and mhc's a_pre, a_post, a_res at init (HC Algorithm 2; mHC Table 5).
+INIT_SCALE = 0.01
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp projection of exp(logits) [..., n, n] towards a doubly stochastic
+    matrix: ``iters`` times normalise columns, then rows. Runs in float32 at least."""
+    z = logits.to(stats_dtype(logits)).movedim((-2, -1), (0, 1)).contiguous()  # [n, n, ...]
+    # Subtracting each column's max cannot change the result (the first column normalisation
+    # divides it out again) but keeps exp finite.
+    m = torch.exp(z - z.amax(0, keepdim=True).detach())
+    for _ in range(iters):
+        m = m / m.sum(0, keepdim=True)  # columns sum to 1
+        m = m / m.sum(1, keepdim=True)  # rows sum to 1
+    return m.movedim((0, 1), (-2, -1))
+
+
+class _Streams(ResidualStream):
+    """The n-stream wiring shared by hc and mhc; subclasses supply the coefficients.
+
+    State: ``x`` the input of the next sublayer, ``carry`` its mixed streams res @ H,
+    ``post`` its write weights, ``l`` its index, ``static`` what a forward computes once
+    from the parameters; after the last sublayer, ``H`` the final streams.
+    """
+
+    identity_at_init = True
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.n = self.rcfg.n_streams
+        self.dynamic = self.rcfg.dynamic
+        self.eps = self.rcfg.key_norm_eps
+
+    def static_coefficients(self) -> dict:
+        return {}
+
+    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor, Tensor]:
+        """pre [.., n], post [.., n], res [.., n, n] (res[i, j]: stream j into stream i) of
+        sublayer l, from its input streams H [B, T, n, D]; '..' is [B, T] or nothing."""
+        raise NotImplementedError
+
+    def _prepare(self, state: State, H: Tensor, l: int) -> State:
+        pre, post, res = self.coefficients(state["static"], H, l)
+        C = torch.cat([pre.unsqueeze(-2), res], dim=-2).to(H.dtype)  # [.., n+1, n]
+        mix = C @ H                                                  # [B, T, n+1, D]
+        return {**state, "l": l, "x": mix[..., 0, :], "carry": mix[..., 1:, :], "post": post.to(H.dtype)}
+
+    def init(self, emb: Tensor) -> State:
+        H = emb.unsqueeze(-2).expand(*emb.shape[:-1], self.n, emb.shape[-1])  # [B, T, n, D]
+        return self._prepare({"static": self.static_coefficients()}, H, 0)
+
+    def read_weighted(self, state: State, l: int) -> tuple[Tensor, None]:
+        assert state["l"] == l, f"read({l}) but the state is prepared for sublayer {state['l']}"
+        return state["x"], None
+
+    def write(self, state: State, l: int, y: Tensor) -> State:
+        H = state["carry"] + state["post"].unsqueeze(-1) * y.unsqueeze(-2)  # [B, T, n, D]
+        if l + 1 < self.n_sublayers:
+            return self._prepare(state, H, l + 1)
+        return {**state, "l": None, "x": None, "carry": None, "post": None, "H": H}
+
+    def finish_weighted(self, state: State) -> tuple[Tensor, None]:
+        return state["H"].sum(-2), None
+
+
+@register("hc")
+class HyperConnections(_Streams):
+    """Hyper-Connections, static or dynamic (``residual.dynamic``), n = ``residual.n_streams``.
+
+    Parameters (under ``residual.``), per sublayer l: ``static_pre`` [L, n] (A_m),
+    ``static_post`` [L, n] (B), ``static_res`` [L, n, n] (A_r, paper orientation: [j, i]
+    carries stream j into stream i); dynamic only: ``dynamic_proj`` [L, D, n+2] (columns
+    W_m, W_b, W_r), ``dynamic_scale`` [L, 2] (s_a, s_b), ``norm_weight`` [L, D] (the RMSNorm
+    of each stream before the projection; the paper uses a LayerNorm).
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        L, n, D = self.n_sublayers, self.n, self.d_model
+        self.static_pre = nn.Parameter(torch.empty(L, n))
+        self.static_post = nn.Parameter(torch.empty(L, n))
+        self.static_res = nn.Parameter(torch.empty(L, n, n))
+        if self.dynamic:
+            self.dynamic_proj = nn.Parameter(torch.empty(L, D, n + 2))
+            self.dynamic_scale = nn.Parameter(torch.empty(L, 2))
+            self.norm_weight = nn.Parameter(torch.empty(L, D))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Eq. 14: the PreNorm-equivalent init. Sublayer l reads stream l mod n only.
+        with torch.no_grad():
+            self.static_pre.zero_()
+            self.static_pre[torch.arange(self.n_sublayers), torch.arange(self.n_sublayers) % self.n] = 1.0
+            self.static_post.fill_(1.0)
+            self.static_res.copy_(torch.eye(self.n).expand_as(self.static_res))
+            if self.dynamic:
+                self.dynamic_proj.zero_()
+                self.dynamic_scale.fill_(INIT_SCALE)
+                self.norm_weight.fill_(1.0)
+
+    def static_coefficients(self) -> dict:
+        return {"pre": self.static_pre, "post": self.static_post, "res": self.static_res.transpose(-1, -2)}
+
+    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor, Tensor]:
+        pre, post, res = static["pre"][l], static["post"][l], static["res"][l]
+        if not self.dynamic:
+            return pre, post, res
+        dt = stats_dtype(H)
+        Hd = H.to(dt)
+        rstd = torch.rsqrt(Hd.pow(2).mean(-1, keepdim=True) + self.eps)  # [B, T, n, 1]
+        # The norm weight folds into the projection: (g * h/rms) . w = (h . (g * w)) / rms.
+        W = self.norm_weight[l].to(dt).unsqueeze(-1) * self.dynamic_proj[l].to(dt)  # [D, n+2]
+        t = torch.tanh((Hd @ W) * rstd)                                 # [B, T, n(j), n+2]
+        s_a, s_b = self.dynamic_scale[l].to(dt)
+        return (
+            pre + s_a * t[..., 0],
+            post + s_b * t[..., 1],
+            res + s_a * t[..., 2:].transpose(-1, -2),  # t[.., j, 2+i] is stream j's weight into i
+        )
+
+
+@register("mhc")
+class ManifoldHyperConnections(_Streams):
+    """mHC, n = ``residual.n_streams``, ``residual.sinkhorn_iters`` Sinkhorn-Knopp iterations;
+    ``residual.dynamic=False`` keeps only the static logits b.
+
+    Parameters (under ``residual.``), per sublayer l: ``static_pre`` [L, n] (b_pre),
+    ``static_post`` [L, n] (b_post), ``static_res`` [L, n, n] (b_res, [i, j]: stream j into
+    stream i); dynamic only: ``dynamic_proj`` [L, nD, 2n + n^2] (phi: columns pre, post, then
+    res row-major; rows index vec(H) stream-major) and ``dynamic_scale`` [L, 3] (a_pre,
+    a_post, a_res). The RMSNorm of vec(H) has no weight of its own (it would fold into phi).
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        L, n, D = self.n_sublayers, self.n, self.d_model
+        self.iters = self.rcfg.sinkhorn_iters
+        self.static_pre = nn.Parameter(torch.empty(L, n))
+        self.static_post = nn.Parameter(torch.empty(L, n))
+        self.static_res = nn.Parameter(torch.empty(L, n, n))
+        if self.dynamic:
+            self.dynamic_proj = nn.Parameter(torch.empty(L, n * D, 2 * n + n * n))
+            self.dynamic_scale = nn.Parameter(torch.empty(L, 3))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Near hc's Eq. 14 (see the module docstring): read ~ e_{l mod n}, write = 1, mix ~ I.
+        L, n = self.n_sublayers, self.n
+        with torch.no_grad():
+            self.static_pre.fill_(-INIT_LOGIT)
+            self.static_pre[torch.arange(L), torch.arange(L) % n] = INIT_LOGIT
+            self.static_post.zero_()
+            self.static_res.copy_((torch.eye(n) - 1.0).mul(INIT_LOGIT).expand_as(self.static_res))
+            if self.dynamic:
+                self.dynamic_proj.zero_()
+                self.dynamic_scale.fill_(INIT_SCALE)
+
+    def static_coefficients(self) -> dict:
+        if self.dynamic:  # the nonlinearities act after the per-token terms are added
+            return {}
+        # Static: every sublayer's coefficients at once, Sinkhorn included, once per forward.
+        return {
+            "pre": torch.sigmoid(self.static_pre),
+            "post": 2 * torch.sigmoid(self.static_post),
+            "res": sinkhorn(self.static_res, self.iters),
+        }
+
+    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.dynamic:
+            return static["pre"][l], static["post"][l], static["res"][l]
+        n = self.n
+        dt = stats_dtype(H)
+        v = H.flatten(-2).to(dt)                                          # vec(H): [B, T, nD]
+        rstd = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)    # [B, T, 1]
+        # mHC section 4.3: divide by the RMS after the matmul; the same numbers, one pass less.
+        p = (v @ self.dynamic_proj[l].to(dt)) * rstd                      # [B, T, 2n + n^2]
+        a = self.dynamic_scale[l].to(dt)
+        pre = torch.sigmoid(a[0] * p[..., :n] + self.static_pre[l].to(dt))
+        post = 2 * torch.sigmoid(a[1] * p[..., n : 2 * n] + self.static_post[l].to(dt))
+        res_logits = a[2] * p[..., 2 * n :].unflatten(-1, (n, n)) + self.static_res[l].to(dt)
+        return pre, post, sinkhorn(res_logits, self.iters)
