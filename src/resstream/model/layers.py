@@ -66,17 +66,26 @@ class Attention(nn.Module):
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+            return self.wo(self._attend_cached(q, k, v, start, kv_cache).transpose(1, 2).reshape(B, T, -1))
         if self.n_kv != self.n_heads:  # grouped-query: share each KV head among its group
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if kv_cache is None or start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new queries at positions start..start+T-1 see every cached key up to their own
-            S = k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, start: int, kv_cache) -> Tensor:
+        """Decoding: queries at positions start..start+T-1 over the cached history and the new
+        keys. GQA heads are shared in the kernel (enable_gqa) rather than by copying the whole
+        cache every step; a single new token sees every key, so it needs no mask."""
+        k, v = kv_cache.update(k, v)
+        T, S = q.shape[2], k.shape[2]
+        gqa = self.n_kv != self.n_heads
+        if T == 1:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
