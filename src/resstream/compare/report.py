@@ -1,0 +1,358 @@
+"""The comparison report: report.md with its PNGs, and a self-contained report.html.
+
+Reads only the summary dict (what summary.json holds), never a live model. The content is
+built once as a list of blocks (heading, paragraph, list, table, figure) and rendered twice,
+as Markdown and as HTML with every image inlined as a base64 data URI, so the HTML file
+opens in a browser offline and can be mailed on its own.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from resstream.compare import plots
+from resstream.compare.stats import baseline_label, summarize
+
+# ----------------------------------------------------------------------------- number formats
+
+
+def _fmt(x, spec: str, none: str = "–") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _bpb(s: dict) -> str:
+    if s["bpb_mean"] is None:
+        return "–"
+    if s["bpb_std"] is None:
+        return f"{s['bpb_mean']:.4f}"
+    return f"{s['bpb_mean']:.4f} ± {s['bpb_std']:.4f}"
+
+
+def _runs_cell(s: dict) -> str:
+    n_failed = s["n_runs"] - s["n_ok"]
+    return f"{s['n_ok']}/{s['n_runs']}" + (f" ({n_failed} failed)" if n_failed else "")
+
+
+def failure_text(run: dict) -> str:
+    """'failed at step N' (the step that failed, when the run says), else after its last good step."""
+    if run.get("failed_step") is not None:
+        text = f"failed at step {run['failed_step']}"
+    elif run.get("last_good_step") is not None:
+        text = f"failed after step {run['last_good_step']}"
+    else:
+        text = "failed"
+    detail = run.get("error") or (run.get("reason") if run.get("reason") not in (None, "failed", "finished", "ok") else None)
+    if detail:
+        text += f" ({detail})"
+    return text
+
+
+# ----------------------------------------------------------------------------- tables
+
+TABLE_HEADER = ["kind", "runs ok", "val bpb (mean ± std)", "Δ vs baseline", "p Welch", "p paired",
+                "params", "params added", "tokens/s", "peak mem MB", "wall s"]
+
+
+def table_rows(summary: dict) -> list[list[str]]:
+    """One row per kind with every number of the main table, as strings."""
+    base = baseline_label(summary)
+    rows = []
+    for label, k in summary["kinds"].items():
+        s = k["stats"]
+        delta = "baseline" if label == base else _fmt(s["delta_vs_baseline"], "+.4f")
+        rows.append([
+            label, _runs_cell(s), _bpb(s), delta,
+            "–" if label == base else fmt_p(s["p_welch"]),
+            "–" if label == base else fmt_p(s["p_paired"]),
+            _fmt(k.get("params"), ","), _fmt(k.get("params_added"), "+,"),
+            _fmt(s["tokens_per_s"], ",.0f"), _fmt(s["peak_mem_mb"], ",.0f"), _fmt(s["wall_s"], ",.1f"),
+        ])
+    return rows
+
+
+def _ensure_stats(summary: dict) -> dict:
+    if any("stats" not in k for k in summary["kinds"].values()):
+        summarize(summary)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The main table as aligned plain text for the terminal, with failed runs listed below."""
+    _ensure_stats(summary)
+    rows = [TABLE_HEADER] + table_rows(summary)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_HEADER))]
+    right = set(range(2, len(TABLE_HEADER)))
+
+    def line(r):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    out = [line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]]
+    notes = _failure_notes(summary) + _p_notes(summary)
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+def _failure_notes(summary: dict) -> list[str]:
+    return [
+        f"{label} seed {r.get('seed')}: {failure_text(r)}; excluded from the statistics."
+        for label, k in summary["kinds"].items()
+        for r in k.get("runs", []) if r.get("status") != "ok"
+    ]
+
+
+def _p_notes(summary: dict) -> list[str]:
+    base = baseline_label(summary)
+    notes = []
+    for label, k in summary["kinds"].items():
+        if label == base:
+            continue
+        s = k["stats"]
+        for name, key in (("Welch", "p_welch"), ("paired", "p_paired")):
+            if s[key] is None and s.get(key + "_note"):
+                notes.append(f"{label}: no {name} p-value: {s[key + '_note']}.")
+    return notes
+
+
+def _seed_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    seeds = sorted({r["seed"] for k in summary["kinds"].values() for r in k.get("runs", [])})
+    rows = []
+    for label, k in summary["kinds"].items():
+        by_seed = {r["seed"]: r for r in k.get("runs", [])}
+        cells = []
+        for sd in seeds:
+            r = by_seed.get(sd)
+            if r is None:
+                cells.append("–")
+            elif r.get("status") == "ok" and r.get("final_val_bpb") is not None:
+                cells.append(f"{r['final_val_bpb']:.4f}")
+            else:
+                cells.append(failure_text(r))
+        rows.append([label] + cells)
+    return ["kind"] + [f"seed {s}" for s in seeds], rows
+
+
+# ----------------------------------------------------------------------------- content blocks
+
+
+@dataclass
+class Block:
+    kind: str  # "h1" | "h2" | "p" | "ul" | "table" | "fig"
+    text: str = ""
+    items: list | None = None  # ul: strings; table: rows
+    header: list | None = None
+    path: Path | None = None
+
+
+def _value(v) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "kind"
+
+
+def _setup_items(summary: dict) -> list[str]:
+    st = summary.get("setup", {})
+    m = st.get("model", {})
+    items = []
+    if m:
+        r = m.get("residual", {})
+        shape = (f"{m.get('n_layers')} layers ({2 * m['n_layers'] if m.get('n_layers') else '?'} sublayers), "
+                 f"d_model {m.get('d_model')}, {m.get('n_heads')} heads")
+        if m.get("n_kv_heads") not in (None, m.get("n_heads")):
+            shape += f" ({m['n_kv_heads']} KV heads)"
+        shape += f", vocabulary {m.get('vocab_size')}, max sequence {m.get('max_seq_len')}"
+        if m.get("mlp_hidden"):
+            shape += f", MLP hidden {m['mlp_hidden']}"
+        items.append("Model: " + shape + (f" (residual settings per kind below; base kind {r.get('kind')})" if r else ""))
+    if "corpus" in st:
+        items.append(f"Corpus: {st['corpus']}")
+    if "tokens_per_run" in st:
+        steps = f" in {st['steps']:,} steps" if st.get("steps") else ""
+        items.append(f"Training tokens per run: {st['tokens_per_run']:,}{steps}")
+    if isinstance(st.get("train"), dict):
+        skip = {"steps", "seed", "log_every", "save_every", "keep_last", "device"}
+        items.append("Training: " + ", ".join(f"{k} {_value(v)}" for k, v in st["train"].items() if k not in skip))
+    for split, d in (st.get("data") or {}).items():
+        if isinstance(d, dict):
+            items.append(f"Data ({split}): " + ", ".join(f"{k} {_value(v)}" for k, v in d.items()))
+    if st.get("seeds") is not None:
+        items.append(f"Seeds: {', '.join(str(s) for s in st['seeds'])} (a seed fixes data order and sublayer init for every kind)")
+    if st.get("machine"):
+        items.append(f"Machine: {st['machine']}")
+    versions = [f"{name} {st[name]}" for name in ("resstream", "torch") if st.get(name)]
+    if versions:
+        items.append("Versions: " + ", ".join(versions))
+    for label, k in summary["kinds"].items():
+        res = k.get("residual") or {}
+        opts = ", ".join(f"{a}={b}" for a, b in res.items() if a != "kind")
+        items.append(f"Kind {label}: residual {k.get('kind')}" + (f" ({opts})" if opts else "")
+                     + f", {_fmt(k.get('params'), ',')} parameters ({_fmt(k.get('params_added'), '+,')} vs PreNorm)")
+    return items
+
+
+def _figures(summary: dict, out_dir: Path) -> list[Block]:
+    kinds = summary["kinds"]
+    figs = []
+    curves = {l: [r["curve"] for r in k.get("runs", []) if r.get("status") == "ok" and r.get("curve")] for l, k in kinds.items()}
+    failed = {l: [r["curve"] for r in k.get("runs", []) if r.get("status") != "ok" and r.get("curve")] for l, k in kinds.items()}
+    if any(curves.values()) or any(failed.values()):
+        p = plots.plot_val_curves(curves, out_dir / "val_curves.png", failed=failed)
+        figs.append(Block("fig", "Validation bits per byte against training tokens: mean over seeds, band from the "
+                          "best to the worst seed; failed runs dotted.", path=p))
+    depth = {l: k["depth"] for l, k in kinds.items() if k.get("depth")}
+    if depth:
+        p = plots.plot_depth_rms({l: d["output_rms"] for l, d in depth.items()}, out_dir / "depth_rms.png",
+                                 input_rms={l: d["input_rms"] for l, d in depth.items() if d.get("input_rms")})
+        figs.append(Block("fig", "RMS of each sublayer's raw output (left) and of the input it reads (right), on "
+                          "validation tokens; PreNorm dilution shows as growth with depth.", path=p))
+        p = plots.plot_grad_norms({l: d["grad_norm"] for l, d in depth.items()}, out_dir / "grad_norm.png",
+                                  grad_norm_output={l: d["grad_norm_output"] for l, d in depth.items() if d.get("grad_norm_output")})
+        figs.append(Block("fig", "Gradient norm per sublayer: of its parameters (left) and at its output (right); "
+                          "flatter is more even use of depth.", path=p))
+        for l, d in depth.items():
+            if d.get("mixing") is not None and d.get("source_names") is not None:
+                p = plots.plot_mixing_heatmap(d["mixing"], d["source_names"], out_dir / f"mixing_{_slug(l)}.png",
+                                              title=f"Depth-mixing weights: {l}")
+                figs.append(Block("fig", f"{l}: mean weight each sublayer input (rows) gives each earlier source "
+                                  "(columns) on validation tokens.", path=p))
+    return figs
+
+
+def _how_to_read(summary: dict) -> list[Block]:
+    n = [k["stats"]["n_ok"] for k in summary["kinds"].values()]
+    n_txt = f"{min(n)}" if min(n) == max(n) else f"{min(n)} to {max(n)}"
+    others = len(summary["kinds"]) - 1
+    return [
+        Block("h2", "How to read this"),
+        Block("p", f"Each kind was trained with {n_txt} finished seed(s). The ± is the sample standard deviation "
+                   "over seeds, i.e. the run-to-run noise of this setup (initialisation and data order), not an "
+                   "error bar on a population. Δ is the kind's mean minus the baseline's mean; negative is better."),
+        Block("p", "The paired p-value compares per-seed differences (same seed, same data order) and is the one "
+                   "to read; Welch's ignores the pairing and is more conservative. A p-value says how surprising the "
+                   "observed difference would be if the two kinds were equally good on this setup. With 3 to 5 "
+                   "seeds a t-test has few degrees of freedom: a small p needs a difference that is large and "
+                   "consistent across seeds, a large p does not show the kinds are equal, only that these runs "
+                   "cannot tell them apart, and with n < 2 no test is possible."
+                   + (f" With {others} kinds tested against one baseline, about {0.05 * others:.2g} of them would "
+                      "fall below 0.05 by chance alone if none differed." if others > 1 else "")),
+        Block("p", "Everything here holds for this model shape, corpus and token budget; small, short runs can rank "
+                   "kinds differently from large ones. The depth plots are measured on validation batches with the "
+                   "final weights, once per kind."),
+    ]
+
+
+def build_blocks(summary: dict, out_dir: Path) -> list[Block]:
+    _ensure_stats(summary)
+    base = baseline_label(summary)
+    blocks = [Block("h1", "resstream comparison report"), Block("h2", "Setup"), Block("ul", items=_setup_items(summary))]
+    blocks += [
+        Block("h2", "Results"),
+        Block("p", f"Final validation bits per byte (lower is better). Baseline: {base}. Statistics use finished "
+                   "runs only."),
+        Block("table", header=TABLE_HEADER, items=table_rows(summary)),
+    ]
+    notes = _failure_notes(summary)
+    if notes:
+        blocks.append(Block("p", "Failed runs, excluded from every statistic above:"))
+        blocks.append(Block("ul", items=notes))
+    pn = _p_notes(summary)
+    if pn:
+        blocks.append(Block("ul", items=pn))
+    header, rows = _seed_table(summary)
+    blocks += [Block("h2", "Per seed"), Block("table", header=header, items=rows)]
+    figs = _figures(summary, out_dir)
+    if figs:
+        blocks += [Block("h2", "Plots")] + figs
+    return blocks + _how_to_read(summary)
+
+
+# ----------------------------------------------------------------------------- renderers
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|")
+
+
+def render_markdown(blocks: list[Block], out_dir: Path) -> str:
+    out = []
+    for b in blocks:
+        if b.kind == "h1":
+            out.append(f"# {b.text}")
+        elif b.kind == "h2":
+            out.append(f"## {b.text}")
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "ul":
+            out.append("\n".join(f"- {i}" for i in b.items))
+        elif b.kind == "table":
+            lines = ["| " + " | ".join(_md_cell(h) for h in b.header) + " |",
+                     "|" + "|".join("---" if i == 0 else "---:" for i in range(len(b.header))) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in b.items]
+            out.append("\n".join(lines))
+        elif b.kind == "fig":
+            rel = b.path.relative_to(out_dir) if b.path.is_relative_to(out_dir) else b.path
+            out.append(f"![{b.text}]({rel.as_posix()})\n\n*{b.text}*")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 70rem; margin: 2rem auto;
+       padding: 0 1rem; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.5rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.9rem; color: #555; }
+"""
+
+
+def render_html(blocks: list[Block]) -> str:
+    e = html.escape
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            out.append(f"<{b.kind}>{e(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{e(b.text)}</p>")
+        elif b.kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in b.items) + "</ul>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.items)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b.kind == "fig":
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            out.append(f'<figure><img alt="{e(b.text)}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{e(b.text)}</figcaption></figure>")
+    title = next((b.text for b in blocks if b.kind == "h1"), "report")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+            f"<style>{_CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def write_report(summary: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.md (PNGs beside it) and a self-contained report.html into ``out_dir``.
+
+    Fills ``summary["kinds"][label]["stats"]`` via ``summarize`` when missing. Returns the two paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = build_blocks(summary, out_dir)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(render_markdown(blocks, out_dir), encoding="utf-8")
+    page.write_text(render_html(blocks), encoding="utf-8")
+    return md, page
