@@ -241,16 +241,21 @@ def test_stream_generate_with_a_byte_level_bpe():
 
 
 def test_generate_from_run_streams_to_out(monkeypatch):
-    checkpoint = pytest.importorskip("resstream.train.checkpoint")
+    from types import SimpleNamespace
+
+    from resstream.train import checkpoint
+
     tok = _bpe_tokenizer()
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
     model = LM(cfg)
-    monkeypatch.setattr(checkpoint, "load_run", lambda run_dir: (model, None, tok), raising=False)
-    out = io.StringIO()
-    text = generate_from_run("some/run", "the café", max_new_tokens=10, temperature=0, out=out)
-    assert out.getvalue() == "the café" + text + "\n"
     ids = tok.encode("the café").ids
     greedy = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
-    eot = tok.token_to_id("<|endoftext|>")
-    expected = greedy[: greedy.index(eot)] if eot in greedy else greedy
-    assert text == tok.decode(expected)
+    for eot in (tok.token_to_id("<|endoftext|>"), greedy[4]):
+        data = SimpleNamespace(tokenizer=tok, eot_id=eot)  # the fields of a PreparedData it uses
+        monkeypatch.setattr(checkpoint, "load_run", lambda run_dir: (model, None, data))
+        out = io.StringIO()
+        text = generate_from_run("some/run", "the café", max_new_tokens=10, temperature=0, out=out)
+        assert out.getvalue() == "the café" + text + "\n"
+        assert text == tok.decode(greedy[: greedy.index(eot)] if eot in greedy else greedy)
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        generate_from_run("some/run", "the café", max_new_tokens=100, out=io.StringIO())

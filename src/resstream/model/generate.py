@@ -12,15 +12,16 @@ token(s) in ``stream.init`` and consumes it by ``stream.finish``, and only atten
 and values (the one place where positions meet) persist between steps. Within a step each
 kind keeps, per new token:
 
-- prenorm, rezero, scaled: the running hidden state h (one [B, T, D] tensor).
-- attnres (Full): the history v_0 = emb, v_1 = f_0, ..., and each source's RMS statistic,
-  computed once when the source is written and reused by every later reader.
-- block_attnres: the completed block sums b_0 = emb, b_1, ... with their RMS statistics, the
-  partial sum of the open block, and the phase-1 result (normalised inter-block output and
-  log-sum-exp for every query of the open block).
-- hc / mhc: the n parallel streams of the token.
-- denseformer, depth_swa: the token's earlier sublayer outputs (all, or the last W).
-- ddl: the token's (expanded) delta state.
+- prenorm, rezero, scaled, ddl: the running hidden state h, one [B, T, D] tensor (ddl's delta
+  rule reads only the token's own h and sublayer output).
+- attnres (Full): the token's history v_0 = emb, v_1 = f_0, ... with each source's statistics
+  (its RMS, or its logits against the later queries), computed once when it is written.
+- block_attnres: the completed block sums b_0 = emb, b_1, ... with their statistics, the
+  partial sum of the open block, and the phase-1 result of the open block (output and
+  log-sum-exp of each of its queries over the completed blocks).
+- depth_swa: the embedding and the token's last W sublayer outputs with their statistics.
+- denseformer: h and the token's block outputs X_0 = emb, X_1, ... for the depth averages.
+- hc, mhc: the token's n parallel streams [B, T, n, D] (and the read prepared from them).
 
 None of these needs a cache across steps because none reads another position. That claim is
 checked, not assumed: tests/test_generate.py compares incremental decoding with the full
@@ -278,36 +279,20 @@ def decode_stream(tokenizer, tokens: Iterable[int], stop_at_eot: Optional[int] =
 def generate_from_run(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                       out: TextIO = sys.stdout) -> str:
-    """Load the run's model and tokenizer, write the prompt and its streamed continuation to
-    ``out``, and return the continuation. Stops early at the tokenizer's end-of-text token
-    when it has one."""
+    """Load a run (its newest good checkpoint), write the prompt and its streamed continuation
+    to ``out``, and return the continuation. Stops early at the run's end-of-text token."""
     from resstream.train.checkpoint import load_run
 
-    model, _run_config, tokenizer = load_run(run_dir)
-    model.eval()
-    eot = _eot_id(tokenizer)
+    model, _run_config, data = load_run(run_dir)  # data: the run's PreparedData
+    tokenizer, eot = data.tokenizer, data.eot_id
+    pieces = stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot)
     out.write(prompt)
     out.flush()
     parts = []
-    for piece in stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot):
+    for piece in pieces:
         parts.append(piece)
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
     return "".join(parts)
-
-
-def _eot_id(tokenizer) -> Optional[int]:
-    """The end-of-text token id, if the tokenizer has one."""
-    for attr in ("eot_id", "eot"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            return v
-    token_to_id = getattr(tokenizer, "token_to_id", None)
-    if token_to_id is not None:
-        for name in ("<|endoftext|>", "<eot>", "</s>"):
-            v = token_to_id(name)
-            if v is not None:
-                return v
-    return None
