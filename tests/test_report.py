@@ -90,7 +90,7 @@ def build_summary(kinds: dict[str, dict], seeds=(0, 1, 2), steps=12, eval_every=
             if status == "ok":
                 depths.append(measure_depth(model, val))
         params = model.num_params()
-        summary["kinds"][label] = {"kind": res["kind"], "residual": cfg.residual.to_dict(), "params": params,
+        summary["kinds"][label] = {"kind": res["kind"], "residual": dict(res), "params": params,
                                    "params_added": model.num_params(residual_only=True), "runs": runs,
                                    "depth": depths[0]}
     summary["setup"] = {"model": base_cfg.to_dict(), "corpus": "synthetic Markov chain", "tokens_per_run": steps * B * T,
@@ -204,7 +204,7 @@ def test_report_files_table_and_failed_run(summary, tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["depth_rms.png", "grad_norm.png", "mixing_attnres.png", "mixing_block_attnres-S2.png", "val_curves.png"]
     for name in pngs:
-        assert f"]({name})" in md
+        assert f"![{name[:-4]}]({name})" in md
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the HTML is self-contained: every image inlined, nothing fetched from outside
     srcs = re.findall(r'src="([^"]*)"', page)

@@ -160,6 +160,20 @@ def _value(v) -> str:
     return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
 
 
+def _residual_options(res: dict) -> dict:
+    """The options that describe a kind: as given, or, for a complete ResidualConfig dict,
+    those that differ from the defaults (the rest belong to other kinds)."""
+    import dataclasses
+
+    from resstream.config import ResidualConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(ResidualConfig)}
+    opts = {a: b for a, b in res.items() if a != "kind"}
+    if set(res) >= set(fields):
+        opts = {a: b for a, b in opts.items() if fields.get(a) != b}
+    return opts
+
+
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "kind"
 
@@ -169,7 +183,6 @@ def _setup_items(summary: dict) -> list[str]:
     m = st.get("model", {})
     items = []
     if m:
-        r = m.get("residual", {})
         shape = (f"{m.get('n_layers')} layers ({2 * m['n_layers'] if m.get('n_layers') else '?'} sublayers), "
                  f"d_model {m.get('d_model')}, {m.get('n_heads')} heads")
         if m.get("n_kv_heads") not in (None, m.get("n_heads")):
@@ -177,7 +190,7 @@ def _setup_items(summary: dict) -> list[str]:
         shape += f", vocabulary {m.get('vocab_size')}, max sequence {m.get('max_seq_len')}"
         if m.get("mlp_hidden"):
             shape += f", MLP hidden {m['mlp_hidden']}"
-        items.append("Model: " + shape + (f" (residual settings per kind below; base kind {r.get('kind')})" if r else ""))
+        items.append("Model: " + shape)
     if "corpus" in st:
         items.append(f"Corpus: {st['corpus']}")
     if "tokens_per_run" in st:
@@ -197,8 +210,7 @@ def _setup_items(summary: dict) -> list[str]:
     if versions:
         items.append("Versions: " + ", ".join(versions))
     for label, k in summary["kinds"].items():
-        res = k.get("residual") or {}
-        opts = ", ".join(f"{a}={b}" for a, b in res.items() if a != "kind")
+        opts = ", ".join(f"{a}={b}" for a, b in _residual_options(k.get("residual") or {}).items())
         items.append(f"Kind {label}: residual {k.get('kind')}" + (f" ({opts})" if opts else "")
                      + f", {_fmt(k.get('params'), ',')} parameters ({_fmt(k.get('params_added'), '+,')} vs PreNorm)")
     return items
@@ -217,12 +229,13 @@ def _figures(summary: dict, out_dir: Path) -> list[Block]:
     if depth:
         p = plots.plot_depth_rms({l: d["output_rms"] for l, d in depth.items()}, out_dir / "depth_rms.png",
                                  input_rms={l: d["input_rms"] for l, d in depth.items() if d.get("input_rms")})
-        figs.append(Block("fig", "RMS of each sublayer's raw output (left) and of the input it reads (right), on "
-                          "validation tokens; PreNorm dilution shows as growth with depth.", path=p))
+        figs.append(Block("fig", "RMS of each sublayer's raw output (top) and of the input it reads from the residual "
+                          "stream (bottom), attention left, MLP right, on validation tokens; PreNorm dilution shows as "
+                          "growth with depth.", path=p))
         p = plots.plot_grad_norms({l: d["grad_norm"] for l, d in depth.items()}, out_dir / "grad_norm.png",
                                   grad_norm_output={l: d["grad_norm_output"] for l, d in depth.items() if d.get("grad_norm_output")})
-        figs.append(Block("fig", "Gradient norm per sublayer: of its parameters (left) and at its output (right); "
-                          "flatter is more even use of depth.", path=p))
+        figs.append(Block("fig", "Gradient norm per sublayer: of its parameters (top) and at its output (bottom), "
+                          "attention left, MLP right; flatter means depth is trained more evenly.", path=p))
         for l, d in depth.items():
             if d.get("mixing") is not None and d.get("source_names") is not None:
                 p = plots.plot_mixing_heatmap(d["mixing"], d["source_names"], out_dir / f"mixing_{_slug(l)}.png",
@@ -238,20 +251,20 @@ def _how_to_read(summary: dict) -> list[Block]:
     others = len(summary["kinds"]) - 1
     return [
         Block("h2", "How to read this"),
-        Block("p", f"Each kind was trained with {n_txt} finished seed(s). The ± is the sample standard deviation "
+        Block("p", f"Each kind has {n_txt} finished seed{'' if n_txt == '1' else 's'}. The ± is the sample standard deviation "
                    "over seeds, i.e. the run-to-run noise of this setup (initialisation and data order), not an "
                    "error bar on a population. Δ is the kind's mean minus the baseline's mean; negative is better."),
         Block("p", "The paired p-value compares per-seed differences (same seed, same data order) and is the one "
-                   "to read; Welch's ignores the pairing and is more conservative. A p-value says how surprising the "
-                   "observed difference would be if the two kinds were equally good on this setup. With 3 to 5 "
+                   "to read; Welch's ignores the pairing and is usually less sensitive here. A p-value says how surprising the "
+                   f"observed difference would be if the two kinds were equally good on this setup. With {n_txt} "
                    "seeds a t-test has few degrees of freedom: a small p needs a difference that is large and "
                    "consistent across seeds, a large p does not show the kinds are equal, only that these runs "
                    "cannot tell them apart, and with n < 2 no test is possible."
-                   + (f" With {others} kinds tested against one baseline, about {0.05 * others:.2g} of them would "
-                      "fall below 0.05 by chance alone if none differed." if others > 1 else "")),
+                   + (f" With {others} kinds each tested against the baseline, the chance that at least one p "
+                      f"falls below 0.05 when no kind truly differs is about {1 - 0.95 ** others:.0%}." if others > 1 else "")),
         Block("p", "Everything here holds for this model shape, corpus and token budget; small, short runs can rank "
-                   "kinds differently from large ones. The depth plots are measured on validation batches with the "
-                   "final weights, once per kind."),
+                   "kinds differently from large ones. The depth plots come from the final weights on validation "
+                   "batches: they show how each trained model uses its depth, not whether it is better."),
     ]
 
 
@@ -305,7 +318,7 @@ def render_markdown(blocks: list[Block], out_dir: Path) -> str:
             out.append("\n".join(lines))
         elif b.kind == "fig":
             rel = b.path.relative_to(out_dir) if b.path.is_relative_to(out_dir) else b.path
-            out.append(f"![{b.text}]({rel.as_posix()})\n\n*{b.text}*")
+            out.append(f"![{rel.stem}]({rel.as_posix()})\n\n*{b.text}*")
     return "\n\n".join(out) + "\n"
 
 
