@@ -6,13 +6,12 @@ A block is two sublayers (attention, then MLP) joined by ordinary PreNorm residu
 output X_i (the hidden state after the block) is stored, and the next block reads the
 depth-weighted average (DWA) of the embedding and every block output so far::
 
-    X_0 = emb ─────────────────────────────┬──────────────────────┬───── ...
-      │                                    │                      │
-      Y_0 = X_0 ─► (+attn) ─► (+mlp) ─► X_1 ┤                      │
-                                           ▼                      │
-                  Y_1 = a_10 X_0 + a_11 X_1 ─► (+attn) ─► (+mlp) ─► X_2
-                                                                  ▼
-                          Y_2 = a_20 X_0 + a_21 X_1 + a_22 X_2 ─► ...  Y_n ─► final norm
+    emb = X_0 ─► [block 1] ─► X_1 ─► DWA_1(X_0, X_1) = Y_1 ─► [block 2] ─► X_2 ─► DWA_2(X_0..X_2) = Y_2
+              ... ─► [block n] ─► X_n ─► DWA_n(X_0..X_n) = Y_n ─► final norm ─► head
+
+    block i:  Y_{i-1} ──►(+)──►(+)──► X_i        (PreNorm residuals inside the block)
+                         ▲ │   ▲ │
+                      attn─┘ mlp─┘
 
     X_i = B_i(Y_{i-1}),   Y_i = DWA_i(X_0..X_i) = sum_{j=0..i} a_ij X_j,   output Y_n
 
