@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from resstream import LM, ModelConfig, ResidualConfig
 from resstream.model.generate import DecodeCache, prefill
@@ -52,6 +53,28 @@ def one_round(models: dict[str, LM], order: list[str], prompt: torch.Tensor, new
             models[k].decode(new[:, t : t + 1], caches[k])
             step_s[k].append(clock() - t0)
     return prefill_s, step_s
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched (views included): at batch 1 and one token, each
+    costs a roughly fixed few microseconds of CPU overhead whatever its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def ops_per_token(model: LM, prompt: torch.Tensor, token: torch.Tensor) -> int:
+    cache = DecodeCache(model, batch=1)
+    prefill(model, prompt, cache, last_only=True)
+    with CountOps() as counter:
+        model.decode(token, cache)
+    return counter.n
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,14 +120,15 @@ def main(argv: list[str] | None = None) -> None:
           f"prompt={args.prompt_len} new={args.new_tokens} rounds={args.rounds} block_size={args.block_size} clock={args.clock}")
     # Ratios are medians of paired ratios (same round, same step), robust to drifting load.
     base_k = kinds[0]
-    print(f"| kind | decode ms/token | decode vs {base_k} | prefill tokens/s | prefill time vs {base_k} |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| kind | decode ms/token | decode vs {base_k} | aten ops/token | prefill tokens/s | prefill time vs {base_k} |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k in kinds:
         dec_ratio = statistics.median(a / b for a, b in zip(steps[k], steps[base_k]))
         pre_ratio = statistics.median(a / b for a, b in zip(prefills[k], prefills[base_k]))
         dec, pre = statistics.median(steps[k]), statistics.median(prefills[k])
+        n_ops = ops_per_token(models[k], prompt, new[:, :1])
         label = k + (f" (S={args.block_size})" if k == "block_attnres" else "")
-        print(f"| {label} | {dec * 1e3:.3f} | {dec_ratio:.3f}x | {args.prompt_len / pre:,.0f} | {pre_ratio:.3f}x |")
+        print(f"| {label} | {dec * 1e3:.3f} | {dec_ratio:.3f}x | {n_ops} | {args.prompt_len / pre:,.0f} | {pre_ratio:.3f}x |")
 
 if __name__ == "__main__":
     main()
