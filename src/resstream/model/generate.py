@@ -184,7 +184,7 @@ def check_request(model: "LM", idx: Tensor, max_new_tokens: int) -> None:
         )
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _tokens(model: "LM", idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
             top_p: Optional[float], seed: Optional[int]) -> Iterator[Tensor]:
     """Yield each new token [B]; arguments already checked."""

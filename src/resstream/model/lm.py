@@ -87,12 +87,13 @@ class LM(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return (logits, loss, mixing) if return_mixing else (logits, loss)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, idx: Tensor, cache: "DecodeCache", last_only: bool = False) -> Tensor:
         """Incremental forward: logits [B, T, V] of the T new tokens idx [B, T] at positions
         cache.pos.., appending their keys and values to ``cache`` (a model.generate.DecodeCache).
         The residual state is built and consumed within the call: depth mixing is per token, so
-        only attention K/V persist between calls. ``last_only``: logits of the last position only.
+        only attention K/V persist between calls. ``last_only``: logits of the last position
+        only. Runs in inference mode (less per-op overhead): the logits cannot enter autograd.
         """
         if cache.pos + idx.shape[1] > cache.max_len:
             raise ValueError(f"decoding past the cache: {cache.pos} + {idx.shape[1]} positions > max_len={cache.max_len}")
