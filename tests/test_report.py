@@ -254,3 +254,13 @@ def test_report_without_depth_or_with_single_seed(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["val_curves.png"]
     assert "attnres: no Welch p-value: needs >= 2 runs in each group (have 1 and 1)." in md
     assert "attnres: no paired p-value: needs >= 2 seeds shared with the baseline (have 1)." in md
+
+
+def test_curves_on_different_token_grids_are_interpolated():
+    from resstream.compare.plots import _align
+
+    x, ys = _align([[[0, 4.0], [10, 3.0], [20, 2.0]], [[5, 3.5], [25, 1.5]]])
+    np.testing.assert_allclose(x, [10, 20])
+    np.testing.assert_allclose(ys, [[3.0, 2.0], [3.0, 2.0]])
+    x, ys = _align([[[1, 2.0], [2, 1.0]], [[1, 4.0], [2, 3.0]]])
+    np.testing.assert_allclose(ys.mean(0), [3.0, 2.0])

@@ -79,27 +79,31 @@ def plot_val_curves(
             ax.plot(a[:, 0], a[:, 1], color=c, lw=1, ls=":", label=f"{label}: failed run" if i == 0 else None)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation bits per byte (lower is better)")
-    ax.set_title(title + "\nline: mean over seeds; band: min to max over seeds", fontsize=11)
     ax.grid(alpha=0.3)
-    _zoom_to_tail(ax, curves)
+    zoomed = _zoom_to_tail(ax, curves)
+    ax.set_title(title + "\nline: mean over seeds; band: min to max over seeds"
+                 + ("; y zoomed on later evaluations" if zoomed else ""), fontsize=11)
     ax.legend(fontsize=9)
     return _save(fig, out_path)
 
 
-def _zoom_to_tail(ax, curves: Mapping[str, Sequence[Curve]]) -> None:
-    """Early evaluations sit far above the rest; clip the y range so the end stays readable."""
+def _zoom_to_tail(ax, curves: Mapping[str, Sequence[Curve]]) -> bool:
+    """Early evaluations can sit far above the rest and squash the end, where the kinds are
+    compared; then clip the y range to the last three quarters of each curve. Returns True
+    when it clipped."""
     vals = [np.asarray(c, dtype=float).reshape(-1, 2)[:, 1] for runs in curves.values() for c in runs if len(c)]
+    vals = [v[np.isfinite(v)] for v in vals]
+    vals = [v for v in vals if v.size]
     if not vals:
-        return
+        return False
     allv = np.concatenate(vals)
-    allv = allv[np.isfinite(allv)]
-    if allv.size == 0:
-        return
     tail = np.concatenate([v[len(v) // 4 :] for v in vals])
-    lo, hi = float(allv.min()), float(np.nanmax(tail))
-    if float(allv.max()) > hi and hi > lo:
+    lo, hi = float(allv.min()), float(tail.max())
+    if hi > lo and float(allv.max()) - hi > 2 * (hi - lo):
         pad = 0.08 * (hi - lo)
         ax.set_ylim(lo - pad, hi + 3 * pad)
+        return True
+    return False
 
 
 def _maybe_log(ax, series: Sequence[Sequence[float]]) -> None:
