@@ -217,3 +217,17 @@ def test_diagnose_run_on_a_trained_run(tmp_path, monkeypatch):
     # a chosen output folder
     out2 = diagnose_run(tmp_path / "run", out_dir=tmp_path / "elsewhere", batches=1)
     assert (tmp_path / "elsewhere" / "depth.json").is_file() and out2["depth"]["n_batches"] == 1
+
+
+def test_heatmap_columns_follow_every_row_order():
+    # depth_swa, window 2: sliding windows; the final row (f6, f7) must not jump ahead
+    swa = [["emb"], ["emb", "f0"], ["emb", "f0", "f1"], ["emb", "f1", "f2"], ["emb", "f2", "f3"],
+           ["emb", "f3", "f4"], ["emb", "f4", "f5"], ["emb", "f5", "f6"], ["emb", "f6", "f7"]]
+    assert _column_order(swa) == ["emb"] + [f"f{i}" for i in range(8)]
+    # DenseFormer: layer outputs interleaved with the attention output an MLP also reads
+    dense = [["emb"], ["emb", "f0"], ["emb", "X1"], ["emb", "X1", "f2"], ["emb", "X1", "X2"]]
+    assert _column_order(dense) == ["emb", "f0", "X1", "f2", "X2"]
+    # Block AttnRes whose last block sum only the final row sees: partial still goes last
+    block = [["emb"], ["emb", "partial"], ["emb", "B1"], ["emb", "B1", "partial"], ["emb", "B1", "B2"],
+             ["emb", "B1", "B2", "partial"], ["emb", "B1", "B2", "B3"]]
+    assert _column_order(block) == ["emb", "B1", "B2", "B3", "partial"]

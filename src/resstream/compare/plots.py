@@ -190,18 +190,41 @@ def plot_grad_norms(
 
 
 def _column_order(source_names: Sequence[Sequence[str]]) -> list[str]:
-    """Columns for the heatmap: sources found at one fixed position in every row come first,
-    by that position (emb, f0, f1, ... or emb, B1, B2, ...); sources whose position moves
-    from row to row (Block AttnRes's running partial sum) go last."""
+    """Columns for the heatmap: an order consistent with every row's own order of sources
+    (a topological sort of "comes before" within rows). Among sources free to go next, those
+    found at one fixed position in every row come first, then by first appearance; so a
+    source whose position moves from row to row (Block AttnRes's running partial sum) ends
+    up after the block sums it follows: emb, B1, B2, ..., partial."""
     pos: dict[str, set[int]] = {}
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, int]] = {}
+    after: dict[str, set[str]] = {}
+    n_before: dict[str, int] = {}
     for r, names in enumerate(source_names):
         for i, n in enumerate(names):
             pos.setdefault(n, set()).add(i)
-            first.setdefault(n, r)
-    fixed = sorted((n for n in pos if len(pos[n]) == 1), key=lambda n: (min(pos[n]), first[n]))
-    moving = sorted((n for n in pos if len(pos[n]) > 1), key=lambda n: first[n])
-    return fixed + moving
+            first.setdefault(n, (r, i))
+            after.setdefault(n, set())
+            n_before.setdefault(n, 0)
+        for a, b in zip(names, names[1:]):
+            if b not in after[a]:
+                after[a].add(b)
+                n_before[b] += 1
+
+    def key(n: str):
+        return (len(pos[n]) > 1, first[n])
+
+    order: list[str] = []
+    ready = [n for n in n_before if n_before[n] == 0]
+    while ready:
+        ready.sort(key=key)
+        n = ready.pop(0)
+        order.append(n)
+        for m in after[n]:
+            n_before[m] -= 1
+            if n_before[m] == 0:
+                ready.append(m)
+    # rows that contradict each other leave a cycle: append what is left in a stable order
+    return order + sorted((n for n in n_before if n not in order), key=key)
 
 
 _SOURCE_HELP = [

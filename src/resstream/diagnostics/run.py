@@ -23,8 +23,10 @@ def diagnose_run(run_dir: Path | str, out_dir: Path | str | None = None, batches
     from resstream.train.batches import val_batches
     from resstream.train.checkpoint import load_run
 
+    from resstream.config import ConfigError
+
     if batches < 1:
-        raise ValueError(f"batches must be >= 1, got {batches}")
+        raise ConfigError(f"--batches: must be >= 1 (validation batches to measure on), got {batches}")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "diagnostics"
     model, run_cfg, data = load_run(run_dir, device=device)
