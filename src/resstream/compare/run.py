@@ -167,7 +167,7 @@ def collect(out: Path, base: RunConfig, kinds, seeds, data, log=print) -> dict:
     """Read every run folder (the report reads runs, not live models) into the summary."""
     import torch
 
-    from resstream.diagnostics import measure_depth
+    from resstream.diagnostics import mean_depth, measure_depth
     from resstream.train.batches import val_batches
     from resstream.train.checkpoint import load_run
 
@@ -201,7 +201,7 @@ def collect(out: Path, base: RunConfig, kinds, seeds, data, log=print) -> dict:
                 depths.append(measure_depth(model, batches))
         kinds_out[label] = {
             "kind": residual["kind"], "residual": residual, "params": params,
-            "params_added": params_res, "runs": runs, "depth": _mean_depth(depths),
+            "params_added": params_res, "runs": runs, "depth": mean_depth(depths) if depths else None,
         }
     model_cfg = (first_meta or {}).get("model", {})
     setup = {
@@ -215,22 +215,3 @@ def collect(out: Path, base: RunConfig, kinds, seeds, data, log=print) -> dict:
         "data": data.stats,
     }
     return {"setup": setup, "kinds": kinds_out}
-
-
-def _mean_depth(depths: list[dict]) -> dict | None:
-    """Average the per-seed depth measurements elementwise (lists of equal shape)."""
-    if not depths:
-        return None
-    import numpy as np
-
-    out = dict(depths[0])
-    for key, value in depths[0].items():
-        if key == "source_names" or value is None:
-            continue
-        try:
-            arr = np.nanmean(np.array([dd[key] for dd in depths], dtype=float), axis=0)
-        except (TypeError, ValueError):
-            continue
-        out[key] = [None if (isinstance(v, float) and math.isnan(v)) else v for v in arr.tolist()] if arr.ndim == 1 else \
-            [[None if math.isnan(x) else x for x in row] for row in arr.tolist()]
-    return out
