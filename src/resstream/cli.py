@@ -90,9 +90,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from resstream.diagnostics import diagnose_run
+    from resstream.diagnostics import diagnose_run, format_depth
 
     result = diagnose_run(Path(args.run_dir), Path(args.out) if args.out else None, batches=args.batches)
+    print(format_depth(result["depth"]))
     print(f"depth plots written to {result['out_dir']}")
     return 0
 
