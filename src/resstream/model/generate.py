@@ -106,12 +106,9 @@ def prefill(model: "LM", idx: Tensor, cache: DecodeCache, chunk_size: Optional[i
     position's [B, 1, V] with ``last_only``."""
     T = idx.shape[1]
     step = T if chunk_size is None else chunk_size
-    if step < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = []
-    for s in range(0, T, step):
-        chunk = idx[:, s : s + step]
-        out.append(model.decode(chunk, cache, last_only=last_only and s + step >= T))
+    if T < 1 or step < 1:
+        raise ValueError(f"prefill needs at least one token and chunk_size >= 1, got {T} tokens, chunk_size={chunk_size}")
+    out = [model.decode(idx[:, s : s + step], cache, last_only=last_only) for s in range(0, T, step)]
     return out[-1] if last_only else torch.cat(out, dim=1)
 
 
