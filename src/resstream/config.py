@@ -141,6 +141,8 @@ class ResidualConfig(ConfigBase):
     dynamic: dynamic (input-dependent) hyper-connections.
     sinkhorn_iters: mHC's Sinkhorn-Knopp iterations.
     window: depth_swa's window W (sublayer outputs visible besides the embedding).
+    recompute: AttnRes keeps less for backward and recomputes it there (less memory, more
+    time); only for kinds that support it.
     ddl_beta_init: DDL's gate beta = 2 sigmoid(.) at init, in (0, 2): 1 is the authors'
     default (projection regime); values near 0 start near the identity shortcut.
     """
@@ -153,6 +155,7 @@ class ResidualConfig(ConfigBase):
     dynamic: bool = True
     sinkhorn_iters: int = 20
     window: int = 4
+    recompute: bool = False
     ddl_beta_init: float = 1.0
 
     def validate(self) -> None:
@@ -165,6 +168,14 @@ class ResidualConfig(ConfigBase):
         _require(self.n_streams >= 1, f"residual.n_streams: must be >= 1, got {self.n_streams}")
         _require(self.sinkhorn_iters >= 1, f"residual.sinkhorn_iters: must be >= 1, got {self.sinkhorn_iters}")
         _require(self.window >= 1, f"residual.window: must be >= 1, got {self.window}")
+        if self.recompute:
+            from resstream.residual.base import _REGISTRY
+
+            _require(
+                getattr(_REGISTRY[self.kind], "supports_recompute", False),
+                f"residual.recompute: kind '{self.kind}' has no recompute path; kinds that have one: "
+                + ", ".join(k for k, c in _REGISTRY.items() if getattr(c, "supports_recompute", False)),
+            )
         _require(
             0.0 < self.ddl_beta_init < 2.0,
             f"residual.ddl_beta_init: must be in (0, 2) (beta = 2 sigmoid(logit)), got {self.ddl_beta_init}",

@@ -1,0 +1,192 @@
+"""AttnRes fast paths: each autograd kernel by gradcheck, whole models (both recompute settings,
+short last blocks, deeper stacks) against the float64 reference, forward and every gradient,
+and what the fast paths save for backward."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import randomize_residual, rel_err, tiny_cfg
+from resstream import LM, ConfigError, ModelConfig, ResidualConfig
+from resstream.residual import attnres as A
+from resstream.residual.reference import REFERENCES, _attend
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: a second OpenMP thread only adds synchronisation, and on shared cores much more
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rand(*shape, grad=True):
+    return torch.randn(*shape, dtype=F64, requires_grad=grad)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_normed_logits_gradcheck_and_value():
+    v, Q = _rand(2, 3, 8), _rand(5, 8)
+    assert torch.autograd.gradcheck(lambda v, Q: A._NormedLogits.apply(v, Q, 1e-6), (v, Q))
+    expected = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)) @ Q.t()
+    assert rel_err(A._NormedLogits.apply(v, Q, 1e-6), expected) < 1e-13
+
+
+def test_weighted_sum_gradcheck():
+    alpha, vs = _rand(2, 3, 4), [_rand(2, 3, 8) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda a, *v: A._WeightedSum.apply(a, *v), (alpha, *vs))
+
+
+def test_phase1_gradcheck():
+    alpha, blocks = _rand(2, 3, 4, 5), [_rand(2, 3, 6) for _ in range(5)]
+    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, *b), (alpha, *blocks))
+    # outputs nobody reads (the last block may be short) get no gradient, the rest stay exact
+    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, *b)[1] * 2, (alpha, *blocks))
+    ref = torch.einsum("btsj,jbtd->btsd", alpha, torch.stack(blocks))
+    assert rel_err(torch.stack(A._Phase1.apply(alpha, *blocks), -2), ref) < 1e-13
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_phase2_gradcheck_and_online_softmax_identity(recompute):
+    """x = o + sigmoid(s - lse) (p - o) equals the joint softmax over [phase-1 sources, p]."""
+    blocks = [_rand(2, 3, 8, grad=False) for _ in range(3)]
+    w = _rand(8, grad=False)
+    logits = torch.stack([A.source_logit(b, A.source_rstd(b, 1e-6), w) for b in blocks], -1)
+    lse1 = torch.logsumexp(logits, -1)
+    a_row = torch.softmax(logits, -1)
+    o1 = A.weighted_sum(a_row, blocks)
+    p = _rand(2, 3, 8)
+    extra = (a_row, *blocks) if recompute else (None,)
+
+    def f(o, p, q, lse):
+        return A._Phase2.apply(o, p, q, lse, 1e-6, recompute, *extra)
+
+    # with recompute the backward rebuilds o from (a_row, blocks), so o must be that mixture
+    assert torch.autograd.gradcheck(f, (o1.clone().requires_grad_(), p, w.clone().requires_grad_(), lse1.clone().requires_grad_()))
+    x_ref, _ = _attend(blocks + [p.detach()], w, None, 1e-6)
+    assert rel_err(f(o1, p.detach(), w, lse1), x_ref) < 1e-13
+
+
+def test_public_helpers_keep_their_meaning():
+    """mix_sources / source_rstd / source_logit are imported by other kinds."""
+    vs = [_rand(2, 3, 8, grad=False) for _ in range(3)]
+    q = _rand(8, grad=False)
+    h, alpha = A.mix_sources(vs, [A.source_rstd(v, 1e-6) for v in vs], q)
+    h_ref, alpha_ref = _attend(vs, q, None, 1e-6)
+    assert rel_err(h, h_ref) < 1e-13 and rel_err(alpha, alpha_ref) < 1e-13
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def _grads(model, logits, R):
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad((logits * R).sum(), list(model.parameters()), allow_unused=True)))
+
+
+def _reference(model, idx):
+    m = copy.deepcopy(model).double()
+    params = dict(m.residual.named_parameters())
+    h, weights = REFERENCES[m.cfg.residual.kind](m.embed(idx), list(m.sublayers), params, m.cfg.residual)
+    return m, m.head(m.final_norm(h)), weights
+
+
+CASES = [
+    ("attnres", {}, 4),
+    ("attnres", {"recompute": True}, 3),
+    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True)],
+    ("block_attnres", {"block_size": 7, "recompute": True}, 5),  # L = 10: one full block, one short
+    ("block_attnres", {"block_size": 4, "key_norm_learnable": False}, 3),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("kind,opts,layers", CASES, ids=[f"{k}-{o}-{n}L" for k, o, n in CASES])
+def test_fast_path_matches_reference(kind, opts, layers, dtype, tol):
+    model = LM(tiny_cfg(kind, n_layers=layers, **opts)).to(dtype)
+    randomize_residual(model)
+    idx = torch.randint(0, 61, (2, 9))
+    logits, _, mixing = model(idx, return_mixing=True)
+    ref_model, ref_logits, ref_weights = _reference(model, idx)
+    assert rel_err(logits, ref_logits) < tol
+    R = torch.randn_like(ref_logits)
+    g, g_ref = _grads(model, logits, R.to(dtype)), _grads(ref_model, ref_logits, R)
+    for name in g_ref:
+        assert g[name] is not None, name
+        assert rel_err(g[name], g_ref[name]) < tol, name
+    for w, w_ref in zip(mixing, ref_weights):
+        assert rel_err(w, w_ref) < tol
+
+
+RECOMPUTE = [("attnres", {}), *[("block_attnres", {"block_size": s}) for s in (1, 3, 4)]]
+
+
+@pytest.mark.parametrize("kind,opts", RECOMPUTE, ids=[f"{k}-{o}" for k, o in RECOMPUTE])
+def test_recompute_gives_equal_gradients(kind, opts):
+    base = LM(tiny_cfg(kind, n_layers=4, **opts))
+    randomize_residual(base)
+    re = LM(tiny_cfg(kind, n_layers=4, recompute=True, **opts))
+    re.load_state_dict(base.state_dict())
+    idx = torch.randint(0, 61, (2, 9))
+    out = []
+    for m in (base, re):
+        _, loss = m(idx, idx)
+        out.append((loss, torch.autograd.grad(loss, list(m.parameters()))))
+    # the recomputed inputs are bitwise the forward's, so the gradients are bitwise equal too
+    assert torch.equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_bfloat16_stays_close_to_the_reference():
+    model = LM(tiny_cfg("block_attnres", n_layers=3, block_size=2))
+    randomize_residual(model)
+    idx = torch.randint(0, 61, (2, 9))
+    _, ref, _ = _reference(model, idx)
+    assert rel_err(model.to(torch.bfloat16)(idx), ref) < 3e-2
+
+
+def test_recompute_rejected_for_kinds_without_it():
+    with pytest.raises(ConfigError, match="recompute"):
+        ResidualConfig(kind="prenorm", recompute=True)
+    assert ResidualConfig(kind="block_attnres", recompute=True).recompute
+
+
+# ----------------------------------------------------------------------------- saved activations
+
+
+def _bytes_kept_by_forward(model, idx) -> int:
+    """Bytes a forward pass leaves allocated (saved activations, logits, loss), counted exactly
+    from the allocator's events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = model(idx, idx)  # noqa: F841  (keeps the graph, and what it saved, alive)
+    return sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+
+def test_saved_activations():
+    """Beyond PreNorm, AttnRes keeps its sources (outputs, or blocks and partial sums: one
+    [B,T,D] per sublayer) and small statistics, nothing else; with recompute it also drops the
+    mixture each sublayer read (L - 1 of them: the first reads the embedding itself)."""
+    def cfg(kind, **opts):
+        return ModelConfig(vocab_size=61, d_model=128, n_layers=4, n_heads=4, max_seq_len=16,
+                           residual=ResidualConfig(kind=kind, **opts))
+
+    B, T, L = 2, 16, 8
+    act = B * T * 128 * 4  # one fp32 [B, T, D]
+    idx = torch.randint(0, 61, (B, T))
+    pre = _bytes_kept_by_forward(LM(cfg("prenorm")), idx)
+    for kind, opts in [("attnres", {}), ("block_attnres", {"block_size": 2}), ("block_attnres", {"block_size": 4})]:
+        kept = _bytes_kept_by_forward(LM(cfg(kind, **opts)), idx)
+        lean = _bytes_kept_by_forward(LM(cfg(kind, recompute=True, **opts)), idx)
+        assert kept - pre <= (L + 1.5) * act, (kind, opts, (kept - pre) / act)
+        assert kept - lean >= (L - 1.5) * act, (kind, opts, (kept - lean) / act)
+        assert lean - pre <= 2.5 * act, (kind, opts, (lean - pre) / act)
