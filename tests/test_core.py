@@ -56,7 +56,7 @@ def test_matches_reference_forward_and_gradients(kind, opts, dtype, tol):
             assert w.shape == w_ref.shape, l
             assert len(model.residual.source_names(l)) == w.shape[-1]
             assert rel_err(w, w_ref) < tol
-            if getattr(model.residual, "weights_sum_to_one", True):  # softmax kinds; not DenseFormer
+            if model.residual.weights_sum_to_one:  # softmax kinds; not DenseFormer
                 assert torch.allclose(w.sum(-1).double(), torch.ones((), dtype=torch.float64), atol=1e-5)
     else:
         assert all(w is None for w in mixing)

@@ -137,7 +137,7 @@ def measure_depth(model: nn.Module, batches: Sequence[Batch]) -> dict:
         width = max(len(m) for m in mixing_sum)
         out["mixing"] = [[float(v / n) for v in m] + [None] * (width - len(m)) for m in mixing_sum]
         out["source_names"] = [list(stream.source_names(l)) for l in range(L + 1)]
-        out["mixing_sums_to_one"] = bool(getattr(stream, "weights_sum_to_one", True))
+        out["mixing_sums_to_one"] = bool(stream.weights_sum_to_one)
         for l, (m, names) in enumerate(zip(mixing_sum, out["source_names"])):
             if len(m) and len(m) != len(names):
                 raise RuntimeError(f"mixing row {l} has {len(m)} weights but {len(names)} source names")

@@ -67,6 +67,7 @@ class ResidualStream(nn.Module):
     kind: str = ""
     identity_at_init: bool = True
     mixes_depth: bool = False  # True when read() returns depth-mixing weights
+    weights_sum_to_one: bool = True  # mixing weights form a convex combination (softmax kinds)
 
     def __init__(self, cfg: "ModelConfig") -> None:
         super().__init__()
