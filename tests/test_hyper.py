@@ -10,7 +10,7 @@ import torch
 
 from helpers import randomize_residual, rel_err, tiny_cfg
 from resstream import LM
-from resstream.residual.hyper import INIT_LOGIT, sinkhorn
+from resstream.residual.hyper import INIT_LOGIT, _ScaledProjection, sinkhorn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +73,7 @@ def test_residual_mixing_matrix_is_applied(kind, opts):
     assert rel_err(after, before) > 1e-3
     if opts.get("dynamic", True):
         n = 3
-        res_cols = slice(2, 2 + n) if kind == "hc" else slice(2 * n, 2 * n + n * n)
+        res_cols = slice(2, 2 + n) if kind == "hc" else slice(2 * n, 2 * n + n * n)  # W_r; phi_res
         with torch.no_grad():
             model.residual.dynamic_proj[:, :, res_cols] += 0.5 * torch.randn_like(model.residual.dynamic_proj[:, :, res_cols])
             assert rel_err(model(idx), after) > 1e-5  # float64: rounding is ~1e-15
@@ -124,9 +124,9 @@ def test_mhc_coefficients_in_bfloat16_model_are_float32():
     model = LM(tiny_cfg("mhc", n_streams=4)).to(torch.bfloat16)
     randomize_residual(model, scale=0.05)
     H = torch.randn(2, 5, 4, model.cfg.d_model, dtype=torch.bfloat16)
-    pre, post, res = model.residual.coefficients(model.residual.static_coefficients(), H, 3)
-    assert pre.dtype == post.dtype == res.dtype == torch.float32
-    assert (res.sum(-1) - 1).abs().max() < 1e-6
+    C, post = model.residual.coefficients(model.residual.static_coefficients(), H, 3)
+    assert C.dtype == post.dtype == torch.float32
+    assert (C[..., 1:, :].sum(-1) - 1).abs().max() < 1e-6
     _, loss = model(torch.randint(0, 61, (2, 5)), torch.randint(0, 61, (2, 5)))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.residual.parameters())
@@ -150,6 +150,16 @@ def test_sinkhorn_backward_is_the_gradient_of_the_iterations():
     (g,) = torch.autograd.grad((sinkhorn(z, 20) * R).sum(), z)
     (g_ref,) = torch.autograd.grad((plain(z, 20) * R).sum(), z)
     assert rel_err(g, g_ref) < 1e-12
+
+
+def test_scaled_projection_backward():
+    """(v @ W) / RMS(v) with its hand-written backward, against finite differences."""
+    torch.manual_seed(0)
+    v = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _ScaledProjection.apply(a, b, 1e-6), (v, W))
+    expected = (v @ W) / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert rel_err(_ScaledProjection.apply(v, W, 1e-6), expected) < 1e-14
 
 
 # ----------------------------------------------------------------------------- inits
@@ -176,7 +186,8 @@ def test_mhc_init_is_near_hc_init(dynamic):
     H = torch.randn(2, 5, n, model.cfg.d_model)
     static = r.static_coefficients()
     for l in range(model.cfg.n_sublayers):
-        pre, post, res = r.coefficients(static, H, l)
+        C, post = r.coefficients(static, H, l)
+        pre, res = C[..., 0, :], C[..., 1:, :]
         assert (pre - torch.eye(n)[l % n]).abs().max() < 3.4e-4
         assert torch.equal(post, torch.ones_like(post))
         assert (res - torch.eye(n)).abs().max() < (n - 1) * 3.4e-4

@@ -17,7 +17,7 @@ and residual mixing)::
 hc, Zhu et al., "Hyper-Connections", ICLR 2025 (arXiv:2409.19606), Eqs. 1-5 and 10-14.
 Paper notation: pre = A_m, post = B, res = A_r^T (the paper's A_r[j, i] carries stream j
 into stream i). Static coefficients are parameters per sublayer; the dynamic variant adds
-    A_m += s_a tanh(norm(h_j) . W_m),  B += s_b tanh(norm(h_j) . W_b),
+    B[j] += s_b tanh(norm(h_j) . W_b),  A_m[j] += s_a tanh(norm(h_j) . W_m),
     A_r[j, :] += s_a tanh(norm(h_j) W_r)                        (per stream j, per token)
 Init (Eq. 14): A_m = e_{l mod n}, B = 1, A_r = I, W = 0, s_a = s_b = 0.01. All streams then
 stay equal to PreNorm's h_l, sublayer l reads exactly h_l, and the head sees n h_L: after
@@ -32,16 +32,18 @@ Sinkhorn-Knopp: M = exp(logits), then sinkhorn_iters times normalise columns, th
 float32 at least. The paper gives a = 0.01 and leaves b's init open; ours puts mhc near
 hc's Eq. 14 init: b_pre = +8 on stream l mod n and -8 elsewhere (pre = e_{l mod n} within
 sigmoid(-8) = 3.4e-4 per entry), b_post = 0 (post = 1 exactly), b_res = 0 on the diagonal
-and -8 off it (res: 3.4e-4 off the diagonal, 1 - (n-1) 3.4e-4 on it), phi = 0. Since the streams start equal and res's
-rows sum to 1 (the last normalisation is the rows'), the model starts exactly as PreNorm
-up to the norm epsilon, like hc.
+and -8 off it (res: 3.4e-4 off the diagonal, 1 - (n-1) 3.4e-4 on it), phi = 0. Since the
+streams start equal and res's rows sum to 1 (the last normalisation is the rows'), the
+model starts exactly as PreNorm up to the norm epsilon, like hc. Near such a permutation
+matrix Sinkhorn converges slowly: once the logits move, 20 iterations leave column sums off
+by up to ~1e-4 (logit noise 0.05) to ~5e-2 (noise 0.5); rows are exact.
 
 Fast path (checked against ``reference.py``): streams are one tensor [B, T, n, D]; the
 coefficients of sublayer l are computed as soon as its input streams exist (in ``init``
-and ``write``), and x_l and the mixed streams come from one matmul [n+1, n] @ [n, D] per
-token. Sinkhorn runs on all tokens at once with the token axes last, so its reductions over
-the tiny n axes are vectorised over tokens; static mhc projects every sublayer's matrix in
-one call per forward.
+and ``write``), x_l and the mixed streams come from one matmul [1+n, n] @ [n, D] per token
+and the write is one fused matmul-add. Sinkhorn runs on all tokens at once with the token
+axes last and a hand-written backward; static mhc projects every sublayer's matrix in one
+call per forward. Few, large kernels matter most on a shared CPU (see ``_sum_over``).
 """
 from __future__ import annotations
 
@@ -63,12 +65,50 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return _SinkhornKnopp.apply(z, iters).movedim((0, 1), (-2, -1))
 
 
+class _ScaledProjection(torch.autograd.Function):
+    """p = (v @ W) / RMS(v) over the last axis of v [..., F], W [F, K] (RMSNorm, then a
+    projection, in mHC section 4.3's order). The hand-written backward returns dv in one
+    fused matmul-add; autograd's graph (norm backward, matmul backward, their sum) makes
+    four more passes over the streams, which dominate this kind's cost on a CPU."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, W: Tensor, eps: float) -> Tensor:
+        v2 = v.reshape(-1, v.shape[-1])                                     # [N, F]
+        rstd = torch.rsqrt(torch.linalg.vector_norm(v2, dim=-1, keepdim=True).square() / v2.shape[-1] + eps)
+        raw = v2 @ W                                                        # [N, K]
+        ctx.save_for_backward(v2, W, rstd, raw)
+        ctx.v_shape = v.shape
+        return (raw * rstd).view(*v.shape[:-1], W.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:
+        v2, W, rstd, raw = ctx.saved_tensors
+        g = g.reshape(raw.shape)
+        g_raw = g * rstd
+        # d rstd / dv = -rstd^3 v / F, so dv = g_raw W^T - (sum_k g_k raw_k) rstd^3 / F v
+        coef = (g * raw).sum(-1, keepdim=True) * rstd.pow(3) / v2.shape[-1]
+        dv = torch.addmm(v2 * -coef, g_raw, W.t())
+        return dv.view(ctx.v_shape), v2.t() @ g_raw, None
+
+
+def _sum_over(m: Tensor, axis: int) -> Tensor:
+    """Sum over a tiny axis as n - 1 adds of token-sized slices (keepdim). A torch reduction
+    of a 32k-element tensor goes multi-threaded, and on this shared 2-core CPU each such call
+    was measured at ~12 ms (a wait for the second core) against ~10 us for the adds."""
+    parts = m.unbind(axis)
+    s = parts[0]
+    for part in parts[1:]:
+        s = s + part
+    return s.unsqueeze(axis)
+
+
 def _normalise(m: Tensor, iters: int) -> tuple[Tensor, list]:
     """The iterations on m [n, n, ...], with each step's (output, sums, axis) for backward."""
     steps = []
     for _ in range(iters):
         for axis in (0, 1):  # columns sum to 1, then rows
-            s = m.sum(axis, keepdim=True)
+            s = _sum_over(m, axis)
             m = m / s
             steps.append((m, s, axis))
     return m, steps
@@ -77,18 +117,20 @@ def _normalise(m: Tensor, iters: int) -> tuple[Tensor, list]:
 class _SinkhornKnopp(torch.autograd.Function):
     """Sinkhorn-Knopp on [n, n, ...] with a hand-written backward.
 
-    Token axes last: the reductions over the tiny n axes are then vectorised over tokens
-    (about 6x faster on a CPU than reducing inner axes of size n). Autograd's graph of
-    2 * iters broadcast divisions costs several times the 4 kernels per step below. The
-    steps are kept for backward (2 * iters * n^2 floats per token; mHC's fused kernel
-    recomputes them instead, which costs a third more kernels here).
+    Token axes last, so every operation is an elementwise one over token-sized slices.
+    Autograd's graph of 2 * iters broadcast divisions costs several times the few kernels
+    per step below. The steps are kept for backward (2 * iters * n^2 floats per token; mHC's
+    fused kernel recomputes them instead, which costs more kernels here).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, iters: int) -> Tensor:
         # Subtracting each column's max cannot change the result (the first column
         # normalisation divides it out again) but keeps exp finite.
-        m0 = torch.exp(z - z.amax(0, keepdim=True))
+        col_max = z[0]
+        for row in z.unbind(0)[1:]:
+            col_max = torch.maximum(col_max, row)
+        m0 = torch.exp(z - col_max)
         out, steps = _normalise(m0, iters)
         # Intermediates live on ctx; the output goes through save_for_backward (no cycle).
         ctx.intermediates = (m0, steps[:-1], steps[-1][1])
@@ -100,10 +142,10 @@ class _SinkhornKnopp(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
         m0, steps, last_sum = ctx.intermediates
-        g = g.contiguous()  # arrives transposed (movedim); strided reductions are slow
+        g = g.contiguous()  # arrives transposed (movedim)
         for o, s, axis in reversed(steps + [(out, last_sum, 1)]):
             # o = m / s with s = m.sum(axis): dm = (g - sum_axis(g * o)) / s
-            g = (g - (g * o).sum(axis, keepdim=True)) / s
+            g = (g - _sum_over(g * o, axis)) / s
         return g * m0, None  # d exp(z) = exp(z) dz; the max shift has no effect on the output
 
 
@@ -126,17 +168,24 @@ class _Streams(ResidualStream):
     def static_coefficients(self) -> dict:
         return {}
 
-    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor, Tensor]:
-        """pre [.., n], post [.., n], res [.., n, n] (res[i, j]: stream j into stream i) of
-        sublayer l, from its input streams H [B, T, n, D]; '..' is [B, T] or nothing."""
+    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
+        """The width matrix C [.., n+1, n] and the write weights post [.., n] of sublayer l,
+        from its input streams H [B, T, n, D]; '..' is [B, T] (dynamic) or nothing (static).
+        Row 0 of C is pre (sublayer input x = sum_j C[0, j] h_j), rows 1..n are res
+        (carried stream i = sum_j C[1+i, j] h_j)."""
         raise NotImplementedError
 
     def _prepare(self, state: State, H: Tensor, l: int) -> State:
-        pre, post, res = self.coefficients(state["static"], H, l)
-        C = torch.cat([pre.unsqueeze(-2), res], dim=-2).to(H.dtype)  # [.., n+1, n]
-        # split, not slicing: its backward concatenates instead of zero-filling twice
-        x, carry = (C @ H).split([1, self.n], dim=-2)                # [B, T, n+1, D]
-        return {**state, "l": l, "x": x.squeeze(-2), "carry": carry, "post": post.to(H.dtype)}
+        C, post = self.coefficients(state["static"], H, l)
+        *lead, n, D = H.shape
+        # One batched matmul over tokens, [1+n, n] @ [n, D] each (torch.matmul's broadcasting
+        # path for a static C was 5x slower on a CPU).
+        C = C.to(H.dtype).expand(*lead, 1 + n, n).reshape(-1, 1 + n, n)
+        mix = torch.bmm(C, H.reshape(-1, n, D)).view(*lead, 1 + n, D)
+        x, carry = mix.split([1, n], dim=-2)  # split, not slicing: no zero-filled gradients
+        # A static post is copied per token: a stride-0 batch sends baddbmm down a slow path.
+        post = post.to(H.dtype).expand(*lead, n).contiguous()
+        return {**state, "l": l, "x": x.squeeze(-2), "carry": carry, "post": post}
 
     def init(self, emb: Tensor) -> State:
         H = emb.unsqueeze(-2).expand(*emb.shape[:-1], self.n, emb.shape[-1])  # [B, T, n, D]
@@ -147,7 +196,11 @@ class _Streams(ResidualStream):
         return state["x"], None
 
     def write(self, state: State, l: int, y: Tensor) -> State:
-        H = state["carry"] + state["post"].unsqueeze(-1) * y.unsqueeze(-2)  # [B, T, n, D]
+        carry, post = state["carry"], state["post"]
+        *lead, n, D = carry.shape
+        # H = carry + post (outer) y as one fused batched matmul-add per token: its backward
+        # is two batched matmuls instead of broadcast products and reductions.
+        H = torch.baddbmm(carry.flatten(0, -3), post.view(-1, n, 1), y.reshape(-1, 1, D)).view(*lead, n, D)
         if l + 1 < self.n_sublayers:
             return self._prepare(state, H, l + 1)
         return {**state, "l": None, "x": None, "carry": None, "post": None, "H": H}
@@ -163,8 +216,8 @@ class HyperConnections(_Streams):
     Parameters (under ``residual.``), per sublayer l: ``static_pre`` [L, n] (A_m),
     ``static_post`` [L, n] (B), ``static_res`` [L, n, n] (A_r, paper orientation: [j, i]
     carries stream j into stream i); dynamic only: ``dynamic_proj`` [L, D, n+2] (columns
-    W_m, W_b, W_r), ``dynamic_scale`` [L, 2] (s_a, s_b), ``norm_weight`` [L, D] (the RMSNorm
-    of each stream before the projection; the paper uses a LayerNorm).
+    W_b, W_m, W_r[:, 0..n-1]), ``dynamic_scale`` [L, 2] (s_a, s_b), ``norm_weight`` [L, D]
+    (the RMSNorm of each stream before the projection; the paper uses a LayerNorm).
     """
 
     def __init__(self, cfg) -> None:
@@ -192,23 +245,23 @@ class HyperConnections(_Streams):
                 self.norm_weight.fill_(1.0)
 
     def static_coefficients(self) -> dict:
-        return {"pre": self.static_pre, "post": self.static_post, "res": self.static_res.transpose(-1, -2)}
+        # The paper's alpha = [A_m | A_r] [n, 1 + n] per sublayer; C = alpha^T.
+        alpha = torch.cat([self.static_pre.unsqueeze(-1), self.static_res], dim=-1)  # [L, n, 1+n]
+        return {"C": alpha.transpose(-1, -2), "post": self.static_post}
 
-    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor, Tensor]:
-        pre, post, res = static["pre"][l], static["post"][l], static["res"][l]
+    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
+        C, post = static["C"][l], static["post"][l]
         if not self.dynamic:
-            return pre, post, res
+            return C, post
         dt = stats_dtype(H)
-        Hd = H.to(dt)
-        rstd = torch.rsqrt(Hd.pow(2).mean(-1, keepdim=True) + self.eps)  # [B, T, n, 1]
         # The norm weight folds into the projection: (g * h/rms) . w = (h . (g * w)) / rms.
-        W = self.norm_weight[l].to(dt).unsqueeze(-1) * self.dynamic_proj[l].to(dt)  # [D, n+2]
-        t = torch.tanh((Hd @ W) * rstd)                                 # [B, T, n(j), n+2]
+        W = self.norm_weight[l].to(dt).unsqueeze(-1) * self.dynamic_proj[l].to(dt)  # [D, 1 + 1 + n]
+        p = _ScaledProjection.apply(H.to(dt), W, self.eps)             # per stream j: [B, T, n, 2 + n]
+        p_post, p_alpha = p.split([1, 1 + self.n], dim=-1)
         s_a, s_b = self.dynamic_scale[l].to(dt)
         return (
-            pre + s_a * t[..., 0],
-            post + s_b * t[..., 1],
-            res + s_a * t[..., 2:].transpose(-1, -2),  # t[.., j, 2+i] is stream j's weight into i
+            C + s_a * torch.tanh(p_alpha).transpose(-1, -2),  # alpha^T: [.., 1+n, n]
+            post + s_b * torch.tanh(p_post).squeeze(-1),
         )
 
 
@@ -252,23 +305,20 @@ class ManifoldHyperConnections(_Streams):
         if self.dynamic:  # the nonlinearities act after the per-token terms are added
             return {}
         # Static: every sublayer's coefficients at once, Sinkhorn included, once per forward.
-        return {
-            "pre": torch.sigmoid(self.static_pre),
-            "post": 2 * torch.sigmoid(self.static_post),
-            "res": sinkhorn(self.static_res, self.iters),
-        }
+        pre = torch.sigmoid(self.static_pre).unsqueeze(-2)                   # [L, 1, n]
+        return {"C": torch.cat([pre, sinkhorn(self.static_res, self.iters)], dim=-2),
+                "post": 2 * torch.sigmoid(self.static_post)}
 
-    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor, Tensor]:
+    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
         if not self.dynamic:
-            return static["pre"][l], static["post"][l], static["res"][l]
+            return static["C"][l], static["post"][l]
         n = self.n
         dt = stats_dtype(H)
-        v = H.flatten(-2).to(dt)                                          # vec(H): [B, T, nD]
-        rstd = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.eps)    # [B, T, 1]
-        # mHC section 4.3: divide by the RMS after the matmul; the same numbers, one pass less.
-        p = (v @ self.dynamic_proj[l].to(dt)) * rstd                      # [B, T, 2n + n^2]
-        a = self.dynamic_scale[l].to(dt)
-        pre = torch.sigmoid(a[0] * p[..., :n] + self.static_pre[l].to(dt))
-        post = 2 * torch.sigmoid(a[1] * p[..., n : 2 * n] + self.static_post[l].to(dt))
-        res_logits = a[2] * p[..., 2 * n :].unflatten(-1, (n, n)) + self.static_res[l].to(dt)
-        return pre, post, sinkhorn(res_logits, self.iters)
+        v = H.flatten(-2).to(dt)                                                  # vec(H): [B, T, nD]
+        p = _ScaledProjection.apply(v, self.dynamic_proj[l].to(dt), self.eps)     # [B, T, 2n + n^2]
+        p_pre, p_post, p_res = p.split([n, n, n * n], dim=-1)
+        a_pre, a_post, a_res = self.dynamic_scale[l].to(dt)
+        pre = torch.sigmoid(a_pre * p_pre + self.static_pre[l].to(dt))
+        post = 2 * torch.sigmoid(a_post * p_post + self.static_post[l].to(dt))
+        res_logits = (a_res * p_res).unflatten(-1, (n, n)) + self.static_res[l].to(dt)
+        return torch.cat([pre.unsqueeze(-2), sinkhorn(res_logits, self.iters)], dim=-2), post
