@@ -162,6 +162,56 @@ class _WeightedSum(torch.autograd.Function):
         return galpha, *gvs
 
 
+class _GradSums:
+    """Full AttnRes's readers leave here, per source, the (weight, gradient) pairs that source
+    gets from them; ``_Source`` then sums each source's gradient once, one multiply-add per
+    reader, instead of autograd receiving a scaled copy per reader and adding it (two passes)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+
+class _Source(torch.autograd.Function):
+    """Identity on source i; in backward, adds the readers' parts left in ``sums`` to the
+    gradient that reached it directly (through its logits). Autograd runs this after every
+    reader of the source (they all take its output), so all parts are in by then."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, sums: _GradSums, i: int) -> Tensor:
+        ctx.sums, ctx.i = sums, i
+        ctx.set_materialize_grads(False)
+        return v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None):
+        acc = None
+        for a, gx in ctx.sums.parts.pop(ctx.i, []):
+            acc = gx * a if acc is None else acc.addcmul_(gx, a)
+        if g is not None:
+            acc = g if acc is None else acc.add_(g)
+        return acc, None, None
+
+
+class _ReadFull(torch.autograd.Function):
+    """Full AttnRes's read: h = sum_i alpha[..., i] v_i, as ``_WeightedSum``, but leaving the
+    sources' gradients alpha_i g in ``sums`` for ``_Source`` to add up."""
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, sums: _GradSums, *values: Tensor) -> Tensor:
+        a = alpha.to(values[0].dtype)
+        ctx.save_for_backward(a, *values)
+        ctx.alpha_dtype, ctx.sums = alpha.dtype, sums
+        return _mix(a, values)
+
+    @staticmethod
+    def backward(ctx, gh: Tensor):
+        a, *values = ctx.saved_tensors
+        galpha = torch.stack([torch.linalg.vecdot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
+        for i in range(len(values)):
+            ctx.sums.parts.setdefault(i, []).append((a[..., i : i + 1], gh))
+        return galpha, None, *([None] * len(values))
+
+
 class _Phase1(torch.autograd.Function):
     """Phase 1 of Block AttnRes: o_s = sum_j A[..., s, j] b_j for the S queries of a block at once.
 
@@ -336,7 +386,15 @@ class FullAttnRes(_AttnResParams):
 
     def init(self, emb: Tensor) -> State:
         q = self.effective_queries()
-        return {"values": (emb,), "logits": (normed_logit_columns(emb, q, self.eps),), "q": q}
+        # Gradient sums by source (see _Source), unless no backward follows or the graph is
+        # being compiled (the compiler fuses the plain path instead).
+        sums = _GradSums() if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
+        emb = self._source(emb, sums, 0)
+        return {"values": (emb,), "logits": (normed_logit_columns(emb, q, self.eps),), "q": q, "sums": sums}
+
+    @staticmethod
+    def _source(v: Tensor, sums: _GradSums | None, i: int) -> Tensor:
+        return v if sums is None else _Source.apply(v, sums, i)
 
     def _mix(self, state: State, row: int) -> tuple[Tensor, Tensor]:
         values = state["values"]
@@ -344,12 +402,15 @@ class FullAttnRes(_AttnResParams):
         alpha = torch.softmax(z, dim=-1)
         if len(values) == 1:  # a softmax over one source is exactly 1, with zero gradient
             return values[0], alpha
-        return weighted_sum(alpha, values), alpha
+        if state["sums"] is None:
+            return weighted_sum(alpha, values), alpha
+        return _ReadFull.apply(alpha, state["sums"], *values), alpha
 
     def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
         return self._mix(state, l)
 
     def write(self, state: State, l: int, y: Tensor) -> State:
+        y = self._source(y, state["sums"], l + 1)
         cols = normed_logit_columns(y, state["q"][l + 1 :], self.eps)  # readers l+1..L
         return {**state, "values": state["values"] + (y,), "logits": state["logits"] + (cols,)}
 
@@ -406,17 +467,25 @@ class BlockAttnRes(_AttnResParams):
             return (blocks[0],) * n_q, lse, alpha
         return _Phase1.apply(alpha, *blocks), lse, alpha
 
-    def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
+    def read(self, state: State, l: int) -> Tensor:
+        # not read_weighted()[0]: the joint weights of phase 2 cost passes that training never uses
         i = l % self.S
         o, lse, alpha = state["phase1"]
         if i == 0:  # first sublayer of a block: completed blocks only
-            return o[0], alpha[..., 0, :]
+            return o[0]
         # Phase 2: merge the partial sum into the phase-1 softmax (online-softmax identity).
         p, q = state["partial"], state["q"][l]
         # with recompute, phase 2 keeps phase 1's weights row and the blocks instead of x
         extra = (alpha[..., i, :], *state["blocks"]) if self.rcfg.recompute else (None,)
-        h = _Phase2.apply(o[i], p, q, lse[..., i], self.eps, self.rcfg.recompute, *extra)
-        return h, self._phase2_weights(p, q, lse[..., i], alpha[..., i, :])
+        return _Phase2.apply(o[i], p, q, lse[..., i], self.eps, self.rcfg.recompute, *extra)
+
+    def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
+        i = l % self.S
+        _, lse, alpha = state["phase1"]
+        if i == 0:
+            return self.read(state, l), alpha[..., 0, :]
+        p, q = state["partial"], state["q"][l]
+        return self.read(state, l), self._phase2_weights(p, q, lse[..., i], alpha[..., i, :])
 
     def _phase2_weights(self, p: Tensor, q: Tensor, lse: Tensor, alpha: Tensor) -> Tensor:
         """The joint softmax weights [completed blocks..., partial] (diagnostics; the mixture
