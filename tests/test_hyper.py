@@ -124,7 +124,7 @@ def test_mhc_coefficients_in_bfloat16_model_are_float32():
     model = LM(tiny_cfg("mhc", n_streams=4)).to(torch.bfloat16)
     randomize_residual(model, scale=0.05)
     H = torch.randn(2, 5, 4, model.cfg.d_model, dtype=torch.bfloat16)
-    C, post = model.residual.coefficients(model.residual.static_coefficients(), H, 3)
+    C, post = model.residual.coefficients(model.residual.static_coefficients(torch.float32), H, 3)
     assert C.dtype == post.dtype == torch.float32
     assert (C[..., 1:, :].sum(-1) - 1).abs().max() < 1e-6
     _, loss = model(torch.randint(0, 61, (2, 5)), torch.randint(0, 61, (2, 5)))
@@ -184,7 +184,7 @@ def test_mhc_init_is_near_hc_init(dynamic):
     model = LM(tiny_cfg("mhc", n_streams=n, dynamic=dynamic))
     r = model.residual
     H = torch.randn(2, 5, n, model.cfg.d_model)
-    static = r.static_coefficients()
+    static = r.static_coefficients(torch.float32)
     for l in range(model.cfg.n_sublayers):
         C, post = r.coefficients(static, H, l)
         pre, res = C[..., 0, :], C[..., 1:, :]
@@ -244,9 +244,9 @@ def test_dynamic_coefficients_vary_by_token_and_static_do_not(kind):
     randomize_residual(dynamic, scale=0.3)
     H = torch.randn(2, 9, 3, dynamic.cfg.d_model, dtype=torch.float64)
     r = dynamic.residual
-    for c in r.coefficients(r.static_coefficients(), H, 2):
+    for c in r.coefficients(r.static_coefficients(torch.float64), H, 2):
         assert c.shape[:2] == (2, 9)
         assert (c - c[:1, :1]).abs().max() > 1e-3
     s = static.residual
-    for c in s.coefficients(s.static_coefficients(), H, 2):
+    for c in s.coefficients(s.static_coefficients(torch.float64), H, 2):
         assert c.dim() in (1, 2)  # one value per sublayer, broadcast over tokens

@@ -165,7 +165,10 @@ class _Streams(ResidualStream):
         self.dynamic = self.rcfg.dynamic
         self.eps = self.rcfg.key_norm_eps
 
-    def static_coefficients(self) -> dict:
+    def static_coefficients(self, dt: torch.dtype) -> dict:
+        """What a forward computes once from the parameters (dt: the coefficients' dtype),
+        as per-sublayer tuples: indexing a parameter per sublayer would cost a zero-filled
+        parameter-sized gradient per sublayer in backward; unbind's backward is one stack."""
         return {}
 
     def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
@@ -189,7 +192,7 @@ class _Streams(ResidualStream):
 
     def init(self, emb: Tensor) -> State:
         H = emb.unsqueeze(-2).expand(*emb.shape[:-1], self.n, emb.shape[-1])  # [B, T, n, D]
-        return self._prepare({"static": self.static_coefficients()}, H, 0)
+        return self._prepare({"static": self.static_coefficients(stats_dtype(emb))}, H, 0)
 
     def read_weighted(self, state: State, l: int) -> tuple[Tensor, None]:
         assert state["l"] == l, f"read({l}) but the state is prepared for sublayer {state['l']}"
@@ -244,21 +247,23 @@ class HyperConnections(_Streams):
                 self.dynamic_scale.fill_(INIT_SCALE)
                 self.norm_weight.fill_(1.0)
 
-    def static_coefficients(self) -> dict:
+    def static_coefficients(self, dt: torch.dtype) -> dict:
         # The paper's alpha = [A_m | A_r] [n, 1 + n] per sublayer; C = alpha^T.
         alpha = torch.cat([self.static_pre.unsqueeze(-1), self.static_res], dim=-1)  # [L, n, 1+n]
-        return {"C": alpha.transpose(-1, -2), "post": self.static_post}
+        static = {"C": alpha.transpose(-1, -2).unbind(0), "post": self.static_post.unbind(0)}
+        if self.dynamic:
+            # The norm weight folds into the projection: (g * h/rms) . w = (h . (g * w)) / rms.
+            W = self.norm_weight.to(dt).unsqueeze(-1) * self.dynamic_proj.to(dt)  # [L, D, 1 + 1 + n]
+            static.update(W=W.unbind(0), scale=self.dynamic_scale.to(dt).unbind(0))
+        return static
 
     def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
         C, post = static["C"][l], static["post"][l]
         if not self.dynamic:
             return C, post
-        dt = stats_dtype(H)
-        # The norm weight folds into the projection: (g * h/rms) . w = (h . (g * w)) / rms.
-        W = self.norm_weight[l].to(dt).unsqueeze(-1) * self.dynamic_proj[l].to(dt)  # [D, 1 + 1 + n]
-        p = _ScaledProjection.apply(H.to(dt), W, self.eps)             # per stream j: [B, T, n, 2 + n]
+        p = _ScaledProjection.apply(H.to(static["W"][l].dtype), static["W"][l], self.eps)  # per stream j: [B, T, n, 2 + n]
         p_post, p_alpha = p.split([1, 1 + self.n], dim=-1)
-        s_a, s_b = self.dynamic_scale[l].to(dt)
+        s_a, s_b = static["scale"][l]
         return (
             C + s_a * torch.tanh(p_alpha).transpose(-1, -2),  # alpha^T: [.., 1+n, n]
             post + s_b * torch.tanh(p_post).squeeze(-1),
@@ -301,24 +306,24 @@ class ManifoldHyperConnections(_Streams):
                 self.dynamic_proj.zero_()
                 self.dynamic_scale.fill_(INIT_SCALE)
 
-    def static_coefficients(self) -> dict:
+    def static_coefficients(self, dt: torch.dtype) -> dict:
         if self.dynamic:  # the nonlinearities act after the per-token terms are added
-            return {}
+            names = ("static_pre", "static_post", "static_res", "dynamic_proj", "dynamic_scale")
+            return {name: getattr(self, name).to(dt).unbind(0) for name in names}
         # Static: every sublayer's coefficients at once, Sinkhorn included, once per forward.
-        pre = torch.sigmoid(self.static_pre).unsqueeze(-2)                   # [L, 1, n]
-        return {"C": torch.cat([pre, sinkhorn(self.static_res, self.iters)], dim=-2),
-                "post": 2 * torch.sigmoid(self.static_post)}
+        pre = torch.sigmoid(self.static_pre.to(dt)).unsqueeze(-2)                # [L, 1, n]
+        C = torch.cat([pre, sinkhorn(self.static_res.to(dt), self.iters)], dim=-2)  # [L, 1+n, n]
+        return {"C": C.unbind(0), "post": (2 * torch.sigmoid(self.static_post.to(dt))).unbind(0)}
 
     def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
         if not self.dynamic:
             return static["C"][l], static["post"][l]
         n = self.n
-        dt = stats_dtype(H)
-        v = H.flatten(-2).to(dt)                                                  # vec(H): [B, T, nD]
-        p = _ScaledProjection.apply(v, self.dynamic_proj[l].to(dt), self.eps)     # [B, T, 2n + n^2]
-        p_pre, p_post, p_res = p.split([n, n, n * n], dim=-1)
-        a_pre, a_post, a_res = self.dynamic_scale[l].to(dt)
-        pre = torch.sigmoid(a_pre * p_pre + self.static_pre[l].to(dt))
-        post = 2 * torch.sigmoid(a_post * p_post + self.static_post[l].to(dt))
-        res_logits = (a_res * p_res).unflatten(-1, (n, n)) + self.static_res[l].to(dt)
+        phi = static["dynamic_proj"][l]                                            # [nD, 2n + n^2]
+        v = H.flatten(-2).to(phi.dtype)                                            # vec(H): [B, T, nD]
+        p_pre, p_post, p_res = _ScaledProjection.apply(v, phi, self.eps).split([n, n, n * n], dim=-1)
+        a_pre, a_post, a_res = static["dynamic_scale"][l]
+        pre = torch.sigmoid(a_pre * p_pre + static["static_pre"][l])
+        post = 2 * torch.sigmoid(a_post * p_post + static["static_post"][l])
+        res_logits = (a_res * p_res).unflatten(-1, (n, n)) + static["static_res"][l]
         return torch.cat([pre.unsqueeze(-2), sinkhorn(res_logits, self.iters)], dim=-2), post
