@@ -46,11 +46,28 @@ def test_weighted_sum_gradcheck():
 
 def test_phase1_gradcheck():
     alpha, blocks = _rand(2, 3, 4, 5), [_rand(2, 3, 6) for _ in range(5)]
-    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, *b), (alpha, *blocks))
+    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, None, *b), (alpha, *blocks))
     # outputs nobody reads (the last block may be short) get no gradient, the rest stay exact
-    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, *b)[1] * 2, (alpha, *blocks))
+    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, None, *b)[1] * 2, (alpha, *blocks))
     ref = torch.einsum("btsj,jbtd->btsd", alpha, torch.stack(blocks))
-    assert rel_err(torch.stack(A._Phase1.apply(alpha, *blocks), -2), ref) < 1e-13
+    assert rel_err(torch.stack(A._Phase1.apply(alpha, None, *blocks), -2), ref) < 1e-13
+
+
+def test_gradient_sums_by_source():
+    """Readers leave (weight, gradient) pairs; each source adds them once (_Source). Through two
+    reads and a phase 1 that share sources, every gradient must equal plain autograd's."""
+    alpha1, alpha2, A2 = _rand(2, 3, 2), _rand(2, 3, 3), _rand(2, 3, 2, 3)
+    vs = [_rand(2, 3, 8) for _ in range(3)]
+
+    def f(a1, a2, a3, v0, v1, v2):
+        sums = A._GradSums()
+        s0, s1, s2 = (A._Source.apply(v, sums, i) for i, v in enumerate((v0, v1, v2)))
+        h1 = A._ReadFull.apply(a1, sums, s0, s1)
+        h2 = A._ReadFull.apply(a2, sums, s0, s1, s2)
+        o1, o2 = A._Phase1.apply(a3, sums, s0, s1, s2)
+        return h1 * h2 + o1 - o2.square() + s2 * 3  # a source also used directly
+
+    assert torch.autograd.gradcheck(f, (alpha1, alpha2, A2, *vs))
 
 
 @pytest.mark.parametrize("recompute", [False, True])

@@ -163,7 +163,7 @@ class _WeightedSum(torch.autograd.Function):
 
 
 class _GradSums:
-    """Full AttnRes's readers leave here, per source, the (weight, gradient) pairs that source
+    """AttnRes readers leave here, per source, the (weight, gradient) pairs that source
     gets from them; ``_Source`` then sums each source's gradient once, one multiply-add per
     reader, instead of autograd receiving a scaled copy per reader and adding it (two passes)."""
 
@@ -193,8 +193,9 @@ class _Source(torch.autograd.Function):
 
 
 class _ReadFull(torch.autograd.Function):
-    """Full AttnRes's read: h = sum_i alpha[..., i] v_i, as ``_WeightedSum``, but leaving the
-    sources' gradients alpha_i g in ``sums`` for ``_Source`` to add up."""
+    """A read over all sources (Full AttnRes's reads, both final mixtures): h = sum_i alpha[..., i]
+    v_i, as ``_WeightedSum``, but leaving the sources' gradients alpha_i g in ``sums`` for
+    ``_Source`` to add up."""
 
     @staticmethod
     def forward(ctx, alpha: Tensor, sums: _GradSums, *values: Tensor) -> Tensor:
@@ -222,16 +223,17 @@ class _Phase1(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A: Tensor, *blocks: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, A: Tensor, sums: _GradSums | None, *blocks: Tensor) -> tuple[Tensor, ...]:
         a = A.to(blocks[0].dtype)
         ctx.save_for_backward(a, *blocks)
-        ctx.A_dtype = A.dtype
+        ctx.A_dtype, ctx.sums = A.dtype, sums
         ctx.set_materialize_grads(False)
         return tuple(_mix(a[..., s, :], blocks) for s in range(a.shape[-2]))
 
     @staticmethod
     def backward(ctx, *gos: Tensor | None):
         a, *blocks = ctx.saved_tensors
+        sums = ctx.sums
         gA = torch.zeros_like(a)
         gbs: list[Tensor | None] = [None] * len(blocks)
         for s, g in enumerate(gos):
@@ -240,8 +242,11 @@ class _Phase1(torch.autograd.Function):
             for j, b in enumerate(blocks):
                 gA[..., s, j] = torch.linalg.vecdot(g, b)
                 w = a[..., s, j : j + 1]
-                gbs[j] = g * w if gbs[j] is None else gbs[j].addcmul_(g, w)
-        return gA.to(ctx.A_dtype), *gbs
+                if sums is not None:  # the block's _Source adds it up with its other readers'
+                    sums.parts.setdefault(j, []).append((w, g))
+                else:
+                    gbs[j] = g * w if gbs[j] is None else gbs[j].addcmul_(g, w)
+        return gA.to(ctx.A_dtype), None, *gbs
 
 
 class _Phase2(torch.autograd.Function):
@@ -449,7 +454,10 @@ class BlockAttnRes(_AttnResParams):
 
     def init(self, emb: Tensor) -> State:
         q = self.effective_queries()
-        state = {"blocks": (emb,), "logits": (normed_logit_columns(emb, q, self.eps),), "partial": None, "q": q}
+        sums = _GradSums() if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None  # see Full
+        emb = FullAttnRes._source(emb, sums, 0)
+        state = {"blocks": (emb,), "logits": (normed_logit_columns(emb, q, self.eps),), "partial": None, "q": q,
+                 "sums": sums}
         return {**state, "phase1": self._phase1(state, 0)}
 
     def _phase1(self, state: State, l0: int) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
@@ -465,7 +473,7 @@ class BlockAttnRes(_AttnResParams):
         alpha = torch.exp(z - lse.unsqueeze(-1))  # [B, T, S', n]
         if len(blocks) == 1:  # first block: the embedding is the only completed source
             return (blocks[0],) * n_q, lse, alpha
-        return _Phase1.apply(alpha, *blocks), lse, alpha
+        return _Phase1.apply(alpha, state["sums"], *blocks), lse, alpha
 
     def read(self, state: State, l: int) -> Tensor:
         # not read_weighted()[0]: the joint weights of phase 2 cost passes that training never uses
@@ -499,6 +507,7 @@ class BlockAttnRes(_AttnResParams):
         if i < self.S - 1 and l < self.n_sublayers - 1:
             return {**state, "partial": partial}
         # The block is complete: it becomes a source for rows l+1..L, and phase 1 runs for the next block.
+        partial = FullAttnRes._source(partial, state["sums"], len(state["blocks"]))
         cols = normed_logit_columns(partial, state["q"][l + 1 :], self.eps)
         state = {**state, "blocks": state["blocks"] + (partial,), "logits": state["logits"] + (cols,),
                  "partial": None, "phase1": None}
@@ -510,7 +519,9 @@ class BlockAttnRes(_AttnResParams):
         L = self.n_sublayers  # block j's columns start at row min(j*S, L): the last may be short
         z = torch.stack([cols[L - min(j * self.S, L)] for j, cols in enumerate(state["logits"])], dim=-1)
         alpha = torch.softmax(z, dim=-1)
-        return weighted_sum(alpha, state["blocks"]), alpha
+        if state["sums"] is None:
+            return weighted_sum(alpha, state["blocks"]), alpha
+        return _ReadFull.apply(alpha, state["sums"], *state["blocks"]), alpha
 
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is b for b in state["blocks"])
