@@ -40,6 +40,10 @@ number of passes over [B, T, D] tensors, not FLOPs.
   opens, computes the inter-block mixtures of all S queries of the block at once. Phase 2
   (``_Phase2``) merges the running partial sum per sublayer, elementwise, with the
   online-softmax identity x_l = o_l + sigmoid(s_partial - lse_l) (partial - o_l).
+- Gradient sums (``_GradSums``, ``_Source``): a source read by many mixtures would get a
+  scaled copy of each reader's gradient, which autograd then adds up (two passes per reader).
+  Instead the readers leave (weight, gradient) pairs and the source sums them once, one
+  multiply-add per reader. Off under torch.compile, which fuses the plain path itself.
 - ``residual.recompute``: the mixture x_l that sublayer l reads is not kept for backward
   (its norm would keep it: the model runs the sublayer under ``input_hooks``, which store it as
   a recipe) and is recomputed from the sources, bitwise the same, in backward. Saves one
