@@ -57,7 +57,8 @@ def test_hc_wiring_follows_the_paper_orientation():
     assert torch.allclose(r.read(state, 1), emb + 2 * y0, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind,opts", [("hc", {"dynamic": False}), ("hc", {}), ("mhc", {}), ("mhc", {"dynamic": False})])
+@pytest.mark.parametrize("kind,opts", [("hc", {"dynamic": False}), ("hc", {}), ("mhc", {}), ("mhc", {"dynamic": False})],
+                         ids=["hc-static", "hc-dynamic", "mhc-dynamic", "mhc-static"])
 def test_residual_mixing_matrix_is_applied(kind, opts):
     """Changing only the static residual-mixing parameters changes the logits (a public HC
     implementation computed the matrix and never applied it), and in dynamic mode so does
@@ -75,7 +76,8 @@ def test_residual_mixing_matrix_is_applied(kind, opts):
         n = 3
         res_cols = slice(2, 2 + n) if kind == "hc" else slice(2 * n, 2 * n + n * n)  # W_r; phi_res
         with torch.no_grad():
-            model.residual.dynamic_proj[:, :, res_cols] += 0.5 * torch.randn_like(model.residual.dynamic_proj[:, :, res_cols])
+            proj = model.residual.dynamic_proj
+            proj[:, :, res_cols] += 0.5 * torch.randn_like(proj[:, :, res_cols])
             assert rel_err(model(idx), after) > 1e-5  # float64: rounding is ~1e-15
 
 
@@ -107,7 +109,8 @@ def test_sinkhorn_is_doubly_stochastic():
     assert (sinkhorn(hard, 20).sum(-1) - 1).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                            (torch.float64, torch.float64)])
 def test_sinkhorn_runs_in_float32_at_least(dtype, expected):
     """bf16 logits are projected in float32 (a bf16 projection is only good to ~1e-2);
     float64 stays float64 so the model can be checked against the float64 reference."""
@@ -225,7 +228,7 @@ def test_static_and_dynamic_parameters_and_counts(kind):
     static = LM(tiny_cfg(kind, n_streams=n, dynamic=False))
     dynamic = LM(tiny_cfg(kind, n_streams=n))
     L = static.cfg.n_sublayers
-    assert sorted(n for n, _ in static.residual.named_parameters()) == ["static_post", "static_pre", "static_res"]
+    assert sorted(name for name, _ in static.residual.named_parameters()) == ["static_post", "static_pre", "static_res"]
     assert static.num_params(residual_only=True) == L * n * (n + 2)
     extra = D * (n + 2) + D + 2 if kind == "hc" else n * D * (n * n + 2 * n) + 3
     assert dynamic.num_params(residual_only=True) == L * (n * (n + 2) + extra)

@@ -74,7 +74,8 @@ class _ScaledProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, W: Tensor, eps: float) -> Tensor:
         v2 = v.reshape(-1, v.shape[-1])                                     # [N, F]
-        rstd = torch.rsqrt(torch.linalg.vector_norm(v2, dim=-1, keepdim=True).square() / v2.shape[-1] + eps)
+        ms = torch.linalg.vector_norm(v2, dim=-1, keepdim=True).square() / v2.shape[-1]
+        rstd = torch.rsqrt(ms + eps)                                        # [N, 1]
         raw = v2 @ W                                                        # [N, K]
         ctx.save_for_backward(v2, W, rstd, raw)
         ctx.v_shape = v.shape
@@ -94,8 +95,8 @@ class _ScaledProjection(torch.autograd.Function):
 
 def _sum_over(m: Tensor, axis: int) -> Tensor:
     """Sum over a tiny axis as n - 1 adds of token-sized slices (keepdim). A torch reduction
-    of a 32k-element tensor goes multi-threaded, and on this shared 2-core CPU each such call
-    was measured at ~12 ms (a wait for the second core) against ~10 us for the adds."""
+    of a 32k-element tensor goes multi-threaded; on a 2-core CPU shared with other jobs each
+    such call was measured at ~12 ms (waiting for the second core) against ~10 us here."""
     parts = m.unbind(axis)
     s = parts[0]
     for part in parts[1:]:
@@ -261,7 +262,8 @@ class HyperConnections(_Streams):
         C, post = static["C"][l], static["post"][l]
         if not self.dynamic:
             return C, post
-        p = _ScaledProjection.apply(H.to(static["W"][l].dtype), static["W"][l], self.eps)  # per stream j: [B, T, n, 2 + n]
+        W = static["W"][l]                                                   # [D, 2 + n]
+        p = _ScaledProjection.apply(H.to(W.dtype), W, self.eps)              # per stream: [B, T, n, 2 + n]
         p_post, p_alpha = p.split([1, 1 + self.n], dim=-1)
         s_a, s_b = static["scale"][l]
         return (
