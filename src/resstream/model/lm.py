@@ -13,7 +13,6 @@ state dict loads into any kind with only ``residual.*`` missing.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import TYPE_CHECKING
 
@@ -69,9 +68,6 @@ class LM(nn.Module):
         """
         stream = self.residual
         state = stream.init(self.embed(idx))
-        # Kinds that can recompute a sublayer's input in backward (residual.recompute) give a
-        # context under which autograd keeps that input as a recipe, not a tensor.
-        input_hooks = getattr(stream, "input_hooks", None)
         mixing = []
         for l, sublayer in enumerate(self.sublayers):
             if return_mixing:
@@ -79,7 +75,9 @@ class LM(nn.Module):
                 mixing.append(w)
             else:
                 x = stream.read(state, l)
-            with input_hooks(state, l, x) if input_hooks else contextlib.nullcontext():
+            # Kinds that can recompute a sublayer's input in backward (residual.recompute) give
+            # a context under which autograd keeps that input as a recipe, not a tensor.
+            with stream.input_hooks(state, l, x):
                 y = sublayer(x)
             state = stream.write(state, l, y)
         if return_mixing:

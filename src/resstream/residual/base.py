@@ -19,6 +19,7 @@ diagnostics never run a second code path.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -95,6 +96,11 @@ class ResidualStream(nn.Module):
 
     def finish(self, state: State) -> Tensor:
         return self.finish_weighted(state)[0]
+
+    def input_hooks(self, state: State, l: int, x: Tensor) -> contextlib.AbstractContextManager:
+        """Context the model runs sublayer l under, on x = read(state, l). Kinds that can
+        recompute x in backward (``residual.recompute``) return autograd saved-tensor hooks."""
+        return contextlib.nullcontext()
 
     def source_names(self, l: int) -> list[str]:
         """Names of the sources mixed by read(l) (l = L: the final mixture)."""
