@@ -187,9 +187,12 @@ class _Streams(ResidualStream):
         C = C.to(H.dtype).expand(*lead, 1 + n, n).reshape(-1, 1 + n, n)
         mix = torch.bmm(C, H.reshape(-1, n, D)).view(*lead, 1 + n, D)
         x, carry = mix.split([1, n], dim=-2)  # split, not slicing: no zero-filled gradients
+        # x is copied out so that the sublayer, which saves its input for backward, does not
+        # keep the whole mix alive (1 + n times x's size, per sublayer).
+        x = x.squeeze(-2).contiguous()
         # A static post is copied per token: a stride-0 batch sends baddbmm down a slow path.
         post = post.to(H.dtype).expand(*lead, n).contiguous()
-        return {**state, "l": l, "x": x.squeeze(-2), "carry": carry, "post": post}
+        return {**state, "l": l, "x": x, "carry": carry, "post": post}
 
     def init(self, emb: Tensor) -> State:
         H = emb.unsqueeze(-2).expand(*emb.shape[:-1], self.n, emb.shape[-1])  # [B, T, n, D]
