@@ -190,12 +190,12 @@ def hc(emb: Tensor, sublayers: Sublayers, params: dict, rcfg) -> tuple[Tensor, l
         B = [_f64(params["static_post"][l, j]) for j in range(n)]
         A_r = [[_f64(params["static_res"][l, j, i]) for i in range(n)] for j in range(n)]
         if rcfg.dynamic:
-            W = _f64(params["dynamic_proj"][l])  # columns: W_m, W_b, W_r[:, 0..n-1]
+            W = _f64(params["dynamic_proj"][l])  # columns: W_b, W_m, W_r[:, 0..n-1]
             s_a, s_b = _f64(params["dynamic_scale"][l])
             for j in range(n):
                 hbar = _rms_normed(H[j], rcfg.key_norm_eps) * _f64(params["norm_weight"][l])
-                A_m[j] = A_m[j] + s_a * torch.tanh(hbar @ W[:, 0])
-                B[j] = B[j] + s_b * torch.tanh(hbar @ W[:, 1])
+                B[j] = B[j] + s_b * torch.tanh(hbar @ W[:, 0])
+                A_m[j] = A_m[j] + s_a * torch.tanh(hbar @ W[:, 1])
                 for i in range(n):
                     A_r[j][i] = A_r[j][i] + s_a * torch.tanh(hbar @ W[:, 2 + i])
         y = f(sum(_per_token(A_m[j]) * H[j] for j in range(n)))
