@@ -340,11 +340,11 @@ def normed_logit_columns(v: Tensor, Q: Tensor, eps: float) -> tuple[Tensor, ...]
 # ----------------------------------------------------------------------------- the streams
 
 
-class _AttnResParams(ResidualStream):
-    """Pseudo-queries and key-norm weights shared by Full and Block AttnRes."""
+class PseudoQueries(ResidualStream):
+    """One pseudo-query and one key-norm weight per sublayer plus one for the final mixture:
+    the parameters of every AttnRes-style kind (Full, Block, depth_swa)."""
 
     mixes_depth = True
-    supports_recompute = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -369,6 +369,12 @@ class _AttnResParams(ResidualStream):
         if self.key_norm_weight is None:
             return self.queries
         return self.queries * self.key_norm_weight
+
+
+class _AttnResParams(PseudoQueries):
+    """Full and Block AttnRes: pseudo-queries plus the recompute path."""
+
+    supports_recompute = True
 
     def input_hooks(self, state: State, l: int, x: Tensor) -> AbstractContextManager:
         """With ``recompute``: a context for running sublayer l on x = read(state, l), under which

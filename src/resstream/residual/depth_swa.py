@@ -31,39 +31,23 @@ Full AttnRes).
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from resstream.residual.attnres import mix_sources, source_rstd
-from resstream.residual.base import ResidualStream, State, register
+from resstream.residual.attnres import PseudoQueries, mix_sources, source_rstd
+from resstream.residual.base import State, register
 
 
 @register("depth_swa")
-class DepthSWA(ResidualStream):
+class DepthSWA(PseudoQueries):
     identity_at_init = False  # True only when W >= L; see the module docstring
-    mixes_depth = True
 
     def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        rows = self.n_sublayers + 1  # one query per sublayer, one for the final mixture
+        super().__init__(cfg)  # zero queries: uniform weights over the window at init
         self.W = self.rcfg.window
-        self.eps = self.rcfg.key_norm_eps
-        self.queries = nn.Parameter(torch.zeros(rows, self.d_model))
-        if self.rcfg.key_norm_learnable:
-            self.key_norm_weight = nn.Parameter(torch.ones(rows, self.d_model))
-        else:
-            self.register_parameter("key_norm_weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.queries.zero_()  # uniform weights over the window at init, as AttnRes
-            if self.key_norm_weight is not None:
-                self.key_norm_weight.fill_(1.0)
 
     def init(self, emb: Tensor) -> State:
         # The key-norm weight folds into the query: w · (g ⊙ k̂) = (w ⊙ g) · k̂.
-        q = self.queries if self.key_norm_weight is None else self.queries * self.key_norm_weight
+        q = self.effective_queries()
         return {"emb": emb, "emb_rstd": source_rstd(emb, self.eps), "window": (), "rstd": (), "q": q}
 
     def _mix(self, state: State, row: int) -> tuple[Tensor, Tensor]:
