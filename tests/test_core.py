@@ -218,5 +218,7 @@ def test_residual_config_errors():
         ModelConfig.from_dict({"vocab_size": 10, "residual": {"blocksize": 2}}, prefix="model.")
     with pytest.raises(ConfigError, match="unknown config key 'colour'"):
         ModelConfig.from_dict({"vocab_size": 10, "colour": 1})
+    with pytest.raises(ConfigError, match=r"^model\.residual\.kind: unknown residual kind 'x'"):  # prefix once
+        ModelConfig.from_dict({"vocab_size": 10, "residual": {"kind": "x"}}, prefix="model.")
     with pytest.raises(ConfigError, match="d_model: expected int"):
         ModelConfig.from_dict({"vocab_size": 10, "d_model": "big"})

@@ -112,7 +112,7 @@ def cmd_kinds(args) -> int:
     from resstream.residual.base import _REGISTRY
 
     for name, cls in _REGISTRY.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"{name:15s} {doc}")
     return 0
 

@@ -162,23 +162,23 @@ class ResidualConfig(ConfigBase):
         from resstream.residual import available_kinds  # late: the registry imports config
 
         kinds = available_kinds()
-        _require(self.kind in kinds, f"residual.kind: unknown residual kind '{self.kind}'; known kinds: {', '.join(kinds)}")
-        _require(self.block_size >= 1, f"residual.block_size: must be >= 1 (sublayers per block), got {self.block_size}")
-        _require(self.key_norm_eps > 0, f"residual.key_norm_eps: must be > 0, got {self.key_norm_eps}")
-        _require(self.n_streams >= 1, f"residual.n_streams: must be >= 1, got {self.n_streams}")
-        _require(self.sinkhorn_iters >= 1, f"residual.sinkhorn_iters: must be >= 1, got {self.sinkhorn_iters}")
-        _require(self.window >= 1, f"residual.window: must be >= 1, got {self.window}")
+        _require(self.kind in kinds, f"model.residual.kind: unknown residual kind '{self.kind}'; known kinds: {', '.join(kinds)}")
+        _require(self.block_size >= 1, f"model.residual.block_size: must be >= 1 (sublayers per block), got {self.block_size}")
+        _require(self.key_norm_eps > 0, f"model.residual.key_norm_eps: must be > 0, got {self.key_norm_eps}")
+        _require(self.n_streams >= 1, f"model.residual.n_streams: must be >= 1, got {self.n_streams}")
+        _require(self.sinkhorn_iters >= 1, f"model.residual.sinkhorn_iters: must be >= 1, got {self.sinkhorn_iters}")
+        _require(self.window >= 1, f"model.residual.window: must be >= 1, got {self.window}")
         if self.recompute:
             from resstream.residual.base import _REGISTRY
 
             _require(
                 getattr(_REGISTRY[self.kind], "supports_recompute", False),
-                f"residual.recompute: kind '{self.kind}' has no recompute path; kinds that have one: "
+                f"model.residual.recompute: kind '{self.kind}' has no recompute path; kinds that have one: "
                 + ", ".join(k for k, c in _REGISTRY.items() if getattr(c, "supports_recompute", False)),
             )
         _require(
             0.0 < self.ddl_beta_init < 2.0,
-            f"residual.ddl_beta_init: must be in (0, 2) (beta = 2 sigmoid(logit)), got {self.ddl_beta_init}",
+            f"model.residual.ddl_beta_init: must be in (0, 2) (beta = 2 sigmoid(logit)), got {self.ddl_beta_init}",
         )
 
 
