@@ -1,6 +1,8 @@
 """Shared test helpers: tiny model configs and relative errors."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from resstream import LM, ModelConfig, ResidualConfig
@@ -51,3 +53,19 @@ def randomize_residual(model: LM, scale: float = 0.5) -> None:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def reference_logits(model: LM, idx: torch.Tensor):
+    """A float64 copy of the model, its logits through the kind's reference, and the weights."""
+    from resstream.residual.reference import REFERENCES
+
+    m = copy.deepcopy(model).double()
+    params = dict(m.residual.named_parameters())
+    h, weights = REFERENCES[m.cfg.residual.kind](m.embed(idx), list(m.sublayers), params, m.cfg.residual)
+    return m, m.head(m.final_norm(h)), weights
+
+
+def grads(model: LM, logits: torch.Tensor, R: torch.Tensor) -> dict:
+    """Gradients of sum(logits * R) for every parameter, by name (None where unused)."""
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad((logits * R).sum(), list(model.parameters()), allow_unused=True)))

@@ -2,14 +2,12 @@
 Full, causality, every residual parameter matters, and config errors."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from helpers import KIND_CASES, case_id, randomize_residual, rel_err, tiny_cfg
+from helpers import KIND_CASES, case_id, grads, randomize_residual, reference_logits, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
-from resstream.residual.reference import REFERENCES
 
 IDS = [case_id(c) for c in KIND_CASES]
 ATTNRES = [c for c in KIND_CASES if c[0] in ("attnres", "block_attnres")]
@@ -20,19 +18,6 @@ def identity_cases():
     from resstream.residual.base import _REGISTRY
     cases = [c for c in KIND_CASES if c[0] != "prenorm" and _REGISTRY[c[0]].identity_at_init]
     return cases, [case_id(c) for c in cases]
-
-
-def reference_logits(model: LM, idx: torch.Tensor):
-    m = copy.deepcopy(model).double()
-    params = dict(m.residual.named_parameters())
-    h, weights = REFERENCES[m.cfg.residual.kind](m.embed(idx), list(m.sublayers), params, m.cfg.residual)
-    return m, m.head(m.final_norm(h)), weights
-
-
-def grads(model: LM, logits: torch.Tensor, R: torch.Tensor) -> dict:
-    names = [n for n, p in model.named_parameters()]
-    gs = torch.autograd.grad((logits * R).sum(), list(model.parameters()), allow_unused=True)
-    return dict(zip(names, gs))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])

@@ -17,13 +17,6 @@ from resstream.diagnostics import mean_depth, measure_depth, mixing_array
 PER_SUBLAYER = ("output_rms", "input_rms", "rel_contribution", "cos_in_out", "grad_norm", "grad_norm_output")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls: a second intra-op thread only adds contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_batches(n: int, vocab: int = 61, B: int = 2, T: int = 12, seed: int = 0):

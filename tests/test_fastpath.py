@@ -3,26 +3,18 @@ short last blocks, deeper stacks) against the float64 reference, forward and eve
 and what the fast paths save for backward."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from helpers import randomize_residual, rel_err, tiny_cfg
+from helpers import grads, randomize_residual, reference_logits, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
 from resstream.residual import attnres as A
-from resstream.residual.reference import REFERENCES, _attend
+from resstream.residual.reference import _attend
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second OpenMP thread only adds synchronisation, and on shared cores much more
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rand(*shape, grad=True):
@@ -103,18 +95,6 @@ def test_public_helpers_keep_their_meaning():
 # ----------------------------------------------------------------------------- whole models
 
 
-def _grads(model, logits, R):
-    names = [n for n, _ in model.named_parameters()]
-    return dict(zip(names, torch.autograd.grad((logits * R).sum(), list(model.parameters()), allow_unused=True)))
-
-
-def _reference(model, idx):
-    m = copy.deepcopy(model).double()
-    params = dict(m.residual.named_parameters())
-    h, weights = REFERENCES[m.cfg.residual.kind](m.embed(idx), list(m.sublayers), params, m.cfg.residual)
-    return m, m.head(m.final_norm(h)), weights
-
-
 CASES = [
     ("attnres", {}, 4),
     ("attnres", {"recompute": True}, 3),
@@ -131,10 +111,10 @@ def test_fast_path_matches_reference(kind, opts, layers, dtype, tol):
     randomize_residual(model)
     idx = torch.randint(0, 61, (2, 9))
     logits, _, mixing = model(idx, return_mixing=True)
-    ref_model, ref_logits, ref_weights = _reference(model, idx)
+    ref_model, ref_logits, ref_weights = reference_logits(model, idx)
     assert rel_err(logits, ref_logits) < tol
     R = torch.randn_like(ref_logits)
-    g, g_ref = _grads(model, logits, R.to(dtype)), _grads(ref_model, ref_logits, R)
+    g, g_ref = grads(model, logits, R.to(dtype)), grads(ref_model, ref_logits, R)
     for name in g_ref:
         assert g[name] is not None, name
         assert rel_err(g[name], g_ref[name]) < tol, name
@@ -166,7 +146,7 @@ def test_bfloat16_stays_close_to_the_reference():
     model = LM(tiny_cfg("block_attnres", n_layers=3, block_size=2))
     randomize_residual(model)
     idx = torch.randint(0, 61, (2, 9))
-    _, ref, _ = _reference(model, idx)
+    _, ref, _ = reference_logits(model, idx)
     assert rel_err(model.to(torch.bfloat16)(idx), ref) < 3e-2
 
 

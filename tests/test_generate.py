@@ -17,15 +17,6 @@ from resstream.model.generate import (
 IDS = [case_id(c) for c in KIND_CASES]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops: a second intra-op thread only adds synchronisation, badly so on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_model(kind: str, opts: dict, dtype=torch.float32) -> LM:
     model = LM(tiny_cfg(kind, **opts)).to(dtype)
     randomize_residual(model)

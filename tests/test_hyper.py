@@ -13,13 +13,6 @@ from resstream import LM
 from resstream.residual.hyper import INIT_LOGIT, _ScaledProjection, sinkhorn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: a second intra-op thread only adds synchronisation on shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def streams_after(model: LM, idx: torch.Tensor, upto: int):

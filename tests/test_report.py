@@ -103,17 +103,10 @@ KINDS = {"prenorm": {"kind": "prenorm"}, "attnres": {"kind": "attnres"},
          "block_attnres-S2": {"kind": "block_attnres", "block_size": 2}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls: a second intra-op thread only adds contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
-def summary(_one_thread) -> dict:
+def summary() -> dict:
     return build_summary(KINDS, fail=("block_attnres-S2", 2, 7))
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import resstream
-from resstream.config import ConfigError, ResidualConfig, RunConfig, apply_overrides, config_hash, parse_value
+from resstream.config import ConfigError, ResidualConfig, RunConfig, apply_overrides, parse_value
 
 
 @dataclass
