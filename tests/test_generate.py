@@ -232,8 +232,6 @@ def test_stream_generate_with_a_byte_level_bpe():
 
 
 def test_generate_from_run_streams_to_out(monkeypatch):
-    from types import SimpleNamespace
-
     from resstream.train import checkpoint
 
     tok = _bpe_tokenizer()
@@ -242,8 +240,7 @@ def test_generate_from_run_streams_to_out(monkeypatch):
     ids = tok.encode("the café").ids
     greedy = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     for eot in (tok.token_to_id("<|endoftext|>"), greedy[4]):
-        data = SimpleNamespace(tokenizer=tok, eot_id=eot)  # the fields of a PreparedData it uses
-        monkeypatch.setattr(checkpoint, "load_run", lambda run_dir: (model, None, data))
+        monkeypatch.setattr(checkpoint, "load_run_model", lambda run_dir: (model, None, tok, eot))
         out = io.StringIO()
         text = generate_from_run("some/run", "the café", max_new_tokens=10, temperature=0, out=out)
         assert out.getvalue() == "the café" + text + "\n"

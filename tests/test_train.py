@@ -195,3 +195,20 @@ def test_cli_resume_refuses_changed_settings(tmp_path, capsys):
     code, _ = run_cli(["train", "--resume", str(run), "train.steps=3", "--no-progress"], capsys)
     assert code == 0
     assert json.loads((run / "status.json").read_text())["last_good_step"] == 3
+
+
+def test_generate_from_a_run_whose_data_cache_is_gone(tmp_path, monkeypatch, capsys):
+    """Generation reads the run's own tokenizer.json: deleting the data cache does not matter."""
+    import io
+    import shutil
+
+    from resstream.model.generate import generate_from_run
+
+    run = tmp_path / "run"
+    train(cfg(**{"train.steps": 2, "train.save_every": 2, "train.eval_every": 2}), run, progress=False, log=lambda s: None)
+    shutil.rmtree(json.loads((run / "config.json").read_text())["data_dir"])
+    out = io.StringIO()
+    text = generate_from_run(run, "In the beginning", max_new_tokens=5, temperature=0, out=out)
+    assert out.getvalue() == "In the beginning" + text + "\n"
+    code, err = run_cli(["generate", str(tmp_path / "nothing"), "--prompt", "x"], capsys)
+    assert code == 2 and "not a resstream run folder" in err

@@ -278,10 +278,9 @@ def generate_from_run(run_dir, prompt: str, max_new_tokens: int = 200, temperatu
                       out: TextIO = sys.stdout) -> str:
     """Load a run (its newest good checkpoint), write the prompt and its streamed continuation
     to ``out``, and return the continuation. Stops early at the run's end-of-text token."""
-    from resstream.train.checkpoint import load_run
+    from resstream.train.checkpoint import load_run_model
 
-    model, _run_config, data = load_run(run_dir)  # data: the run's PreparedData
-    tokenizer, eot = data.tokenizer, data.eot_id
+    model, _run_config, tokenizer, eot = load_run_model(run_dir)  # the run's own tokenizer.json
     pieces = stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot)
     out.write(prompt)
     out.flush()

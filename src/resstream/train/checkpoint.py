@@ -198,6 +198,26 @@ def read_run_config(run_dir: Path) -> dict:
         raise ConfigError(f"'{path}' is corrupt ({e}); the run cannot be read") from None
 
 
+def load_run_model(run_dir: Path | str, device: str = "cpu"):
+    """Load a run's model without its data: (model in eval mode, RunConfig, tokenizer, eot id).
+
+    The tokenizer is the copy in RUN_DIR/tokenizer.json, so generation never needs the data cache.
+    """
+    from resstream.config import ModelConfig, RunConfig
+    from resstream.data.tokenizer import find_eot_id, load_tokenizer
+    from resstream.model import LM
+
+    run_dir = Path(run_dir)
+    meta = read_run_config(run_dir)
+    found = latest_good_checkpoint(run_dir)
+    if found is None:
+        raise ConfigError(f"run folder '{run_dir}' has no usable checkpoint; train it first (or resume it with --resume)")
+    model = LM(ModelConfig.from_dict(meta["model"]))
+    load_model_state(model, found[2])
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    return model.to(device).eval(), RunConfig.from_dict(meta["run"]), tokenizer, find_eot_id(tokenizer)
+
+
 def load_run(run_dir: Path | str, device: str = "cpu"):
     """Load a finished or partial run: (model in eval mode, RunConfig, PreparedData).
 
