@@ -69,3 +69,18 @@ def grads(model: LM, logits: torch.Tensor, R: torch.Tensor) -> dict:
     """Gradients of sum(logits * R) for every parameter, by name (None where unused)."""
     names = [n for n, _ in model.named_parameters()]
     return dict(zip(names, torch.autograd.grad((logits * R).sum(), list(model.parameters()), allow_unused=True)))
+
+
+def assert_matches_reference(model: LM, idx: torch.Tensor, tol: float) -> tuple[list, list]:
+    """Logits and every parameter's gradient of ``model`` against the float64 reference of its
+    kind, relative error below ``tol``; returns (model's mixing weights, reference's)."""
+    logits, _, mixing = model(idx, return_mixing=True)
+    ref_model, ref_logits, ref_weights = reference_logits(model, idx)
+    assert rel_err(logits, ref_logits) < tol
+    R = torch.randn_like(ref_logits)
+    g, g_ref = grads(model, logits, R.to(logits.dtype)), grads(ref_model, ref_logits, R)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert g[name] is not None and g_ref[name] is not None, name
+        assert rel_err(g[name], g_ref[name]) < tol, name
+    return mixing, ref_weights

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import KIND_CASES, case_id, grads, randomize_residual, reference_logits, rel_err, tiny_cfg
+from helpers import KIND_CASES, assert_matches_reference, case_id, randomize_residual, reference_logits, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
 
 IDS = [case_id(c) for c in KIND_CASES]
@@ -25,16 +25,7 @@ def identity_cases():
 def test_matches_reference_forward_and_gradients(kind, opts, dtype, tol):
     model = LM(tiny_cfg(kind, **opts)).to(dtype)
     randomize_residual(model)
-    idx = torch.randint(0, 61, (2, 11))
-    logits, _, mixing = model(idx, return_mixing=True)
-    ref_model, ref_logits, ref_weights = reference_logits(model, idx)
-    assert rel_err(logits, ref_logits) < tol
-    R = torch.randn_like(ref_logits)
-    g, g_ref = grads(model, logits, R.to(dtype)), grads(ref_model, ref_logits, R)
-    assert g.keys() == g_ref.keys()
-    for name in g:
-        assert g_ref[name] is not None, name
-        assert rel_err(g[name], g_ref[name]) < tol, name
+    mixing, ref_weights = assert_matches_reference(model, torch.randint(0, 61, (2, 11)), tol)
     if ref_weights:
         assert len(mixing) == model.cfg.n_sublayers + 1
         for l, (w, w_ref) in enumerate(zip(mixing, ref_weights)):

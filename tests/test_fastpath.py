@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import grads, randomize_residual, reference_logits, rel_err, tiny_cfg
+from helpers import assert_matches_reference, randomize_residual, reference_logits, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
 from resstream.residual import attnres as A
 from resstream.residual.reference import _attend
@@ -109,15 +109,7 @@ CASES = [
 def test_fast_path_matches_reference(kind, opts, layers, dtype, tol):
     model = LM(tiny_cfg(kind, n_layers=layers, **opts)).to(dtype)
     randomize_residual(model)
-    idx = torch.randint(0, 61, (2, 9))
-    logits, _, mixing = model(idx, return_mixing=True)
-    ref_model, ref_logits, ref_weights = reference_logits(model, idx)
-    assert rel_err(logits, ref_logits) < tol
-    R = torch.randn_like(ref_logits)
-    g, g_ref = grads(model, logits, R.to(dtype)), grads(ref_model, ref_logits, R)
-    for name in g_ref:
-        assert g[name] is not None, name
-        assert rel_err(g[name], g_ref[name]) < tol, name
+    mixing, ref_weights = assert_matches_reference(model, torch.randint(0, 61, (2, 9)), tol)
     for w, w_ref in zip(mixing, ref_weights):
         assert rel_err(w, w_ref) < tol
 

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import randomize_residual, rel_err, tiny_cfg
-from test_core import grads, reference_logits
+from helpers import grads, randomize_residual, reference_logits, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ResidualConfig
 
 

@@ -224,23 +224,11 @@ def load_run(run_dir: Path | str, device: str = "cpu"):
     Uses the newest checkpoint that verifies. The data is reopened from its cache folder
     or prepared again from the recorded config (deterministic) if the cache is gone.
     """
-    from resstream.config import ModelConfig, RunConfig
     from resstream.data import PreparedData, prepare
-    from resstream.model import LM
 
-    run_dir = Path(run_dir)
-    meta = read_run_config(run_dir)
-    run_cfg = RunConfig.from_dict(meta["run"])
-    found = latest_good_checkpoint(run_dir)
-    if found is None:
-        raise ConfigError(f"run folder '{run_dir}' has no usable checkpoint; train it first (or resume it with --resume)")
-    _, state, model_sd, _ = found
-    data_dir = Path(meta.get("data_dir", ""))
+    model, run_cfg, _, _ = load_run_model(run_dir, device)
     try:
-        data = PreparedData.from_dir(data_dir)
+        data = PreparedData.from_dir(Path(read_run_config(Path(run_dir)).get("data_dir", "")))
     except Exception:
         data = prepare(run_cfg.data)
-    model = LM(ModelConfig.from_dict(meta["model"]))
-    load_model_state(model, model_sd)
-    model.to(device).eval()
     return model, run_cfg, data
