@@ -11,7 +11,7 @@ import torch
 
 from helpers import KIND_CASES, case_id, randomize_residual, tiny_cfg
 from resstream import LM
-from resstream.compare.plots import _column_order, plot_mixing_heatmap
+from resstream.diagnostics.plots import _column_order, plot_mixing_heatmap
 from resstream.diagnostics import mean_depth, measure_depth, mixing_array
 
 PER_SUBLAYER = ("output_rms", "input_rms", "rel_contribution", "cos_in_out", "grad_norm", "grad_norm_output")

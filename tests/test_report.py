@@ -250,7 +250,7 @@ def test_report_without_depth_or_with_single_seed(tmp_path):
 
 
 def test_curves_on_different_token_grids_are_interpolated():
-    from resstream.compare.plots import _align
+    from resstream.diagnostics.plots import _align
 
     x, ys = _align([[[0, 4.0], [10, 3.0], [20, 2.0]], [[5, 3.5], [25, 1.5]]])
     np.testing.assert_allclose(x, [10, 20])

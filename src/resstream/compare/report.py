@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from resstream.compare import plots
+from resstream.diagnostics import plots
 from resstream.compare.stats import baseline_label, summarize
 
 # ----------------------------------------------------------------------------- number formats

@@ -19,7 +19,7 @@ def diagnose_run(run_dir: Path | str, out_dir: Path | str | None = None, batches
     "files" (paths written: depth.json, depth_rms.png, grad_norm.png, and mixing.png for kinds
     that mix over depth)}.
     """
-    from resstream.compare import plots
+    from resstream.diagnostics import plots
     from resstream.train.batches import val_batches
     from resstream.train.checkpoint import load_run
 

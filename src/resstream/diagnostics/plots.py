@@ -1,4 +1,5 @@
-"""PNG plots of a comparison and of one run's depth profile (matplotlib, Agg backend).
+"""PNG plots of a comparison and of one run's depth profile (matplotlib, Agg backend); used by the
+comparison report and by diagnose, so they live here, below both.
 
 Every function takes plain data (dicts of lists, keyed by kind label, in the order the kinds
 should appear) and an output path, draws one figure, writes it, and returns the path. A kind
