@@ -183,7 +183,7 @@ def test_heatmap_columns_and_signed_weights(tmp_path):
 
 
 def test_diagnose_run_on_a_trained_run(tmp_path, monkeypatch):
-    from resstream.config import RunConfig
+    from resstream.runs.config import RunConfig
     from resstream.diagnostics import diagnose_run, format_depth
     from resstream.train import train
 

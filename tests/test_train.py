@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as tmp_mp
 
 from resstream.cli import main as cli_main
-from resstream.config import RunConfig, TrainConfig, apply_overrides
+from resstream.config import TrainConfig, apply_overrides
+from resstream.runs.config import RunConfig
 from resstream.train import train
 from resstream.train.checkpoint import latest_good_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
 from resstream.train.optim import lr_at, param_groups

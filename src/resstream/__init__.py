@@ -1,5 +1,8 @@
 """resstream: pluggable residual streams for transformer language models."""
-from resstream.config import CompareConfig, ConfigError, DataConfig, ModelConfig, ResidualConfig, RunConfig, TrainConfig
+from resstream.config import CompareConfig, ConfigError, DataConfig, TrainConfig
+from resstream.model.config import ModelConfig
+from resstream.residual.config import ResidualConfig
+from resstream.runs.config import RunConfig
 from resstream.model import LM
 from resstream.residual import available_kinds
 

@@ -17,25 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from resstream.config import ConfigError, RunConfig, apply_overrides, load_toml
-
-PRESETS = Path(__file__).parent / "presets"
-
-
-def preset_path(name: str) -> Path:
-    path = PRESETS / f"{name}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
-        raise ConfigError(f"unknown preset '{name}'; known presets: {known}")
-    return path
-
-
-def load_config(config: str | None, preset: str | None, overrides: list[str]) -> RunConfig:
-    if config and preset:
-        raise ConfigError("pass either --config or --preset, not both")
-    path = preset_path(preset) if preset else config
-    data = load_toml(path) if path else {}
-    return RunConfig.from_dict(apply_overrides(data, overrides))
+from resstream.config import ConfigError, apply_overrides
+from resstream.runs.config import RunConfig, load_run_config
 
 
 # ----------------------------------------------------------------------------- commands
@@ -55,7 +38,7 @@ def cmd_train(args) -> int:
         cfg = RunConfig.from_dict(apply_overrides(saved, args.overrides))
         result = train(cfg, Path(args.resume), resume=True, progress=not args.no_progress)
     else:
-        cfg = load_config(args.config, args.preset, args.overrides)
+        cfg = load_run_config(args.config, args.overrides, preset=args.preset)
         result = train(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
     bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
     print(f"{result.status}: {result.run_dir} at step {result.step}; val bpb {bpb}; {result.tokens_per_s:.0f} tokens/s")
@@ -65,7 +48,7 @@ def cmd_train(args) -> int:
 def cmd_data_prepare(args) -> int:
     from resstream.data import format_stats, prepare
 
-    cfg = load_config(args.config, args.preset, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, preset=args.preset)
     prepared = prepare(cfg.data, log=print)
     print(format_stats(prepared))
     print(f"cached in {prepared.dir}")
@@ -80,7 +63,7 @@ def cmd_compare(args) -> int:
         overrides.append(f"data.corpus={json.dumps(args.corpus)}")
     if args.steps is not None and args.tokens is not None:
         raise ConfigError("pass either --steps or --tokens, not both")
-    cfg = load_config(args.config, args.preset or (None if args.config else "demo"), overrides)
+    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "demo"))
     opts = CompareOptions(
         residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
         out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,

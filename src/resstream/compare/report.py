@@ -165,7 +165,7 @@ def _residual_options(res: dict) -> dict:
     those that differ from the defaults (the rest belong to other kinds)."""
     import dataclasses
 
-    from resstream.config import ResidualConfig
+    from resstream.residual.config import ResidualConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(ResidualConfig)}
     opts = {a: b for a, b in res.items() if a != "kind"}

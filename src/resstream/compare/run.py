@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import resstream
-from resstream.config import ConfigError, ResidualConfig, RunConfig, apply_overrides, parse_value
+from resstream.config import ConfigError, apply_overrides, parse_value
+from resstream.residual.config import ResidualConfig
+from resstream.runs.config import RunConfig
 
 
 @dataclass

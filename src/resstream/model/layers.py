@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resstream.config import ModelConfig
+from resstream.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resstream.config import ModelConfig
+from resstream.model.config import ModelConfig
 from resstream.model.layers import MLP, Attention, RMSNorm
 from resstream.residual import build_residual
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from resstream.config import ModelConfig
+    from resstream.model.config import ModelConfig
 
 State = dict
 

@@ -203,7 +203,8 @@ def load_run_model(run_dir: Path | str, device: str = "cpu"):
 
     The tokenizer is the copy in RUN_DIR/tokenizer.json, so generation never needs the data cache.
     """
-    from resstream.config import ModelConfig, RunConfig
+    from resstream.model.config import ModelConfig
+    from resstream.runs.config import RunConfig
     from resstream.data.tokenizer import find_eot_id, load_tokenizer
     from resstream.model import LM
 

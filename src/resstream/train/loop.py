@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 import resstream
-from resstream.config import ConfigError, RunConfig
+from resstream.config import ConfigError
+from resstream.runs.config import RunConfig
 from resstream.model import LM
 from resstream.train.batches import train_batch, val_batches
 from resstream.train.checkpoint import (
