@@ -11,8 +11,10 @@ import torch
 from helpers import KIND_CASES, case_id, randomize_residual, rel_err, tiny_cfg
 from resstream import LM, ModelConfig, ResidualConfig
 from resstream.model.generate import (
-    DecodeCache, KVCache, decode_stream, generate, generate_from_run, prefill, sample_next, stream_generate,
+    DecodeCache, KVCache, decode_stream, generate, prefill, sample_next, stream_generate,
 )
+from resstream.runs import load as run_load
+from resstream.runs.load import generate_from_run
 
 IDS = [case_id(c) for c in KIND_CASES]
 
@@ -232,15 +234,13 @@ def test_stream_generate_with_a_byte_level_bpe():
 
 
 def test_generate_from_run_streams_to_out(monkeypatch):
-    from resstream.train import checkpoint
-
     tok = _bpe_tokenizer()
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
     model = LM(cfg)
     ids = tok.encode("the café").ids
     greedy = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     for eot in (tok.token_to_id("<|endoftext|>"), greedy[4]):
-        monkeypatch.setattr(checkpoint, "load_run_model", lambda run_dir: (model, None, tok, eot))
+        monkeypatch.setattr(run_load, "load_run_model", lambda run_dir: (model, None, tok, eot))
         out = io.StringIO()
         text = generate_from_run("some/run", "the café", max_new_tokens=10, temperature=0, out=out)
         assert out.getvalue() == "the café" + text + "\n"

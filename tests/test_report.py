@@ -257,3 +257,21 @@ def test_curves_on_different_token_grids_are_interpolated():
     np.testing.assert_allclose(ys, [[3.0, 2.0], [3.0, 2.0]])
     x, ys = _align([[[1, 2.0], [2, 1.0]], [[1, 4.0], [2, 3.0]]])
     np.testing.assert_allclose(ys.mean(0), [3.0, 2.0])
+
+
+def test_baseline_is_the_users_choice(summary):
+    from resstream.compare.run import choose_baseline
+    from resstream.config import ConfigError
+
+    s = copy.deepcopy(summary)
+    s.setdefault("setup", {})["baseline"] = "attnres"
+    summarize(s)
+    assert baseline_label(s) == "attnres"
+    assert s["kinds"]["attnres"]["stats"]["delta_vs_baseline"] == 0.0
+    assert s["kinds"]["prenorm"]["stats"]["p_welch"] is not None  # compared like any other kind
+    kinds = [("prenorm", {"kind": "prenorm"}), ("block_attnres-block_size=4", {"kind": "block_attnres", "block_size": 4})]
+    assert choose_baseline(kinds, None) == "prenorm"
+    assert choose_baseline(kinds, "block_attnres:block_size=4") == "block_attnres-block_size=4"
+    assert choose_baseline(kinds, "block_attnres-block_size=4") == "block_attnres-block_size=4"
+    with pytest.raises(ConfigError, match="--baseline: 'attnres' is not one of the compared kinds"):
+        choose_baseline(kinds, "attnres")

@@ -16,7 +16,7 @@ from resstream.cli import main as cli_main
 from resstream.config import TrainConfig, apply_overrides
 from resstream.runs.config import RunConfig
 from resstream.train import train
-from resstream.train.checkpoint import latest_good_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
+from resstream.runs.checkpoint import latest_good_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
 from resstream.train.optim import lr_at, param_groups
 
 BASE = {
@@ -94,7 +94,7 @@ def test_killed_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(cfg(**{"train.steps": 5}), run, progress=False, log=lambda s: None)
     good = list_checkpoints(run)
-    import resstream.train.checkpoint as ck
+    import resstream.runs.checkpoint as ck
 
     def dying_save(tensors, path):
         Path(path).write_bytes(b"partial")
@@ -203,7 +203,7 @@ def test_generate_from_a_run_whose_data_cache_is_gone(tmp_path, monkeypatch, cap
     import io
     import shutil
 
-    from resstream.model.generate import generate_from_run
+    from resstream.runs import generate_from_run
 
     run = tmp_path / "run"
     train(cfg(**{"train.steps": 2, "train.save_every": 2, "train.eval_every": 2}), run, progress=False, log=lambda s: None)

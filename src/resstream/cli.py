@@ -26,7 +26,7 @@ from resstream.runs.config import RunConfig, load_run_config
 
 def cmd_train(args) -> int:
     from resstream.train import RESUMABLE_KEYS, train
-    from resstream.train.checkpoint import read_run_config
+    from resstream.runs.folder import read_run_config
 
     if args.resume:
         if args.config or args.preset or args.out:
@@ -67,6 +67,7 @@ def cmd_compare(args) -> int:
     opts = CompareOptions(
         residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
         out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,
+        baseline=args.baseline,
     )
     compare(cfg, opts)
     return 0
@@ -82,7 +83,7 @@ def cmd_diagnose(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from resstream.model.generate import generate_from_run
+    from resstream.runs import generate_from_run
 
     generate_from_run(
         Path(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several residual kinds x seeds and write a report")
     config_args(c)
     c.add_argument("--residuals", help="comma-separated kinds, e.g. prenorm,attnres,block_attnres (kind:key=value,... for options)")
+    c.add_argument("--baseline", help="the kind every other is compared with (one of --residuals; default the first)")
     c.add_argument("--seeds", type=int, help="seeds per kind")
     c.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
     c.add_argument("--steps", type=int, help="optimizer steps per run")
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resstream.train.checkpoint import CheckpointError
+    from resstream.runs.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

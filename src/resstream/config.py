@@ -199,11 +199,13 @@ class CompareConfig(ConfigBase):
     """Defaults for ``resstream compare``: which residual kinds and how many seeds.
 
     residuals: kinds, each optionally with options: "block_attnres:block_size=4".
+    baseline: the entry of ``residuals`` every other kind is compared with; None: the first.
     """
 
     residuals: tuple[str, ...] = ("prenorm", "attnres", "block_attnres")
     seeds: int = 2
     depth_batches: int = 4
+    baseline: Optional[str] = None
 
     def validate(self) -> None:
         require(len(self.residuals) >= 1, "compare.residuals: name at least one residual kind")

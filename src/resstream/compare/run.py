@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
-import platform
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import resstream
 from resstream.config import ConfigError, apply_overrides, parse_value
 from resstream.residual.config import ResidualConfig
 from resstream.runs.config import RunConfig
@@ -31,6 +27,7 @@ class CompareOptions:
     out: Path | None = None
     force: bool = False
     progress: bool = True
+    baseline: str | None = None  # an entry of residuals (its spec or label); None: the first
 
 
 def parse_residuals(specs: list[str] | tuple[str, ...]) -> list[tuple[str, dict]]:
@@ -58,25 +55,16 @@ def parse_residuals(specs: list[str] | tuple[str, ...]) -> list[tuple[str, dict]
     return out
 
 
-def _run_one(cfg_dict: dict, run_dir: str, resume: bool, progress: bool) -> None:
-    """Child-process entry: one training run (its own process, so its own peak memory)."""
-    from resstream.train import train
-
-    train(RunConfig.from_dict(cfg_dict), Path(run_dir), resume=resume, progress=progress)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:
+    """The label of the kind the others are compared with: ``baseline`` given as a spec
+    ("block_attnres:block_size=4") or a label ("block_attnres-block_size=4"); None: the first."""
+    if baseline is None:
+        return kinds[0][0]
+    labels = [label for label, _ in kinds]
+    label = baseline.strip().replace(":", "-").replace(",", "-")
+    if label not in labels:
+        raise ConfigError(f"--baseline: '{baseline}' is not one of the compared kinds ({', '.join(labels)}); name one of them")
+    return label
 
 
 def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[str, dict]], list[int]]:
@@ -110,110 +98,30 @@ def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[st
 
 def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     """Train every (kind, seed), measure depth use, and write summary.json and the report."""
+    from resstream.compare.collect import collect
+    from resstream.compare.jobs import claim_output, run_jobs
     from resstream.compare.report import format_table, write_report
     from resstream.compare.stats import summarize
-
-    base, kinds, seeds = plan(cfg, opts)
-    out = opts.out or Path(f"compare-{base.name}")
-    fingerprint = {"base": {k: v for k, v in base.to_dict().items() if k != "compare"},
-                   "kinds": kinds, "seeds": seeds}
-    fp_path = out / "comparison.json"
-    previous = _read_json(fp_path)
-    if previous is not None and previous != json.loads(json.dumps(fingerprint)):
-        if not opts.force:
-            raise ConfigError(f"'{out}' holds a different comparison; choose another --out or pass --force to replace it")
-        shutil.rmtree(out / "runs", ignore_errors=True)
-    elif previous is None and out.exists() and any(out.iterdir()) and not opts.force:
-        raise ConfigError(f"'{out}' exists and is not a resstream comparison; choose another --out or pass --force")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.json").write_text(json.dumps(fingerprint, indent=1))
-    except OSError as e:
-        raise ConfigError(f"cannot write the output folder '{out}': {e.strerror}") from None
-
-    # Prepare the data once, in this process, so every child finds it cached.
     from resstream.data import prepare
 
-    data = prepare(base.data, log=log)
-    ctx = mp.get_context("spawn")
-    jobs = [(seed, label, residual) for seed in seeds for label, residual in kinds]
-    for n, (seed, label, residual) in enumerate(jobs, 1):
-        run_dir = out / "runs" / f"{label}-s{seed}"
-        status = _read_json(run_dir / "status.json") or {}
-        if status.get("status") in ("finished", "diverged"):
-            log(f"[{n}/{len(jobs)}] {label} seed {seed}: {status['status']} already, skipping")
-            continue
-        resume = (run_dir / "config.json").exists()
-        log(f"[{n}/{len(jobs)}] {label} seed {seed}: {'resuming' if resume else 'training'} -> {run_dir}")
-        run_cfg = apply_overrides(base.to_dict(), [f"train.seed={seed}", f"name={json.dumps(f'{label}-s{seed}')}"])
-        run_cfg["model"]["residual"] = residual
-        proc = ctx.Process(target=_run_one, args=(run_cfg, str(run_dir), resume, opts.progress))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            status = _read_json(run_dir / "status.json") or {}
-            if status.get("status") != "diverged":
-                raise RuntimeError(f"run {run_dir} failed (exit code {proc.exitcode}); see the output above, then re-run the same command to resume")
+    base, kinds, seeds = plan(cfg, opts)
+    baseline = choose_baseline(kinds, opts.baseline if opts.baseline is not None else base.compare.baseline)
+    out = opts.out or Path(f"compare-{base.name}")
+    claim_output(out, {"base": {k: v for k, v in base.to_dict().items() if k != "compare"},
+                       "kinds": kinds, "seeds": seeds}, opts.force)
+    data = prepare(base.data, log=log)  # once, in this process, so every child finds it cached
+    jobs = []
+    for seed in seeds:
+        for label, residual in kinds:
+            run_cfg = apply_overrides(base.to_dict(), [f"train.seed={seed}", f"name={json.dumps(f'{label}-s{seed}')}"])
+            run_cfg["model"]["residual"] = residual
+            jobs.append((f"{label} seed {seed}", out / "runs" / f"{label}-s{seed}", run_cfg))
+    run_jobs(jobs, opts.progress, log)
 
-    summary = collect(out, base, kinds, seeds, data, log=log)
-    summary = summarize(summary)
+    summary = summarize(collect(out, base, kinds, seeds, data, baseline))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     md, html = write_report(summary, out)
     log("")
     log(format_table(summary))
     log(f"\nreport: {html}\n        {md}")
     return summary
-
-
-def collect(out: Path, base: RunConfig, kinds, seeds, data, log=print) -> dict:
-    """Read every run folder (the report reads runs, not live models) into the summary."""
-    import torch
-
-    from resstream.diagnostics import mean_depth, measure_depth
-    from resstream.train.batches import val_batches
-    from resstream.train.checkpoint import load_run
-
-    first_meta = None
-    kinds_out = {}
-    for label, residual in kinds:
-        runs, depths = [], []
-        params = params_res = None
-        for seed in seeds:
-            run_dir = out / "runs" / f"{label}-s{seed}"
-            meta = _read_json(run_dir / "config.json") or {}
-            first_meta = first_meta or meta
-            params, params_res = meta.get("params", params), meta.get("params_residual", params_res)
-            status = _read_json(run_dir / "status.json") or {"status": "missing", "last_good_step": 0}
-            rows = _metrics(run_dir)
-            curve = [[r["tokens"], r["val_bpb"]] for r in rows if "val_bpb" in r]
-            tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-            ok = status["status"] == "finished"
-            runs.append({
-                "seed": seed, "status": "ok" if ok else "failed", "reason": status["status"],
-                "last_good_step": status.get("last_good_step", 0),
-                "final_val_bpb": curve[-1][1] if ok and curve else None,
-                "tokens_per_s": sum(tps) / len(tps) if tps else None,
-                "peak_mem_mb": max((r.get("peak_mem_mb", 0) for r in rows), default=None),
-                "wall_s": status.get("wall_s"), "curve": curve, "run_dir": str(run_dir),
-            })
-            if ok:
-                model, run_cfg, _ = load_run(run_dir)
-                tc = run_cfg.train
-                batches = val_batches(data.val, base.compare.depth_batches, max(1, tc.batch_size // tc.grad_accum), tc.seq_len)
-                depths.append(measure_depth(model, batches))
-        kinds_out[label] = {
-            "kind": residual["kind"], "residual": residual, "params": params,
-            "params_added": params_res, "runs": runs, "depth": mean_depth(depths) if depths else None,
-        }
-    model_cfg = (first_meta or {}).get("model", {})
-    setup = {
-        "model": model_cfg, "corpus": base.data.corpus,
-        "tokens_per_run": base.train.steps * base.train.batch_size * base.train.seq_len,
-        "steps": base.train.steps, "seeds": seeds,
-        "train": base.train.to_dict(),
-        "machine": f"{platform.machine()}, {platform.processor() or platform.node()}, {torch.get_num_threads()} threads, "
-                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",
-        "torch": torch.__version__, "resstream": resstream.__version__,
-        "data": data.stats,
-    }
-    return {"setup": setup, "kinds": kinds_out}

@@ -63,14 +63,13 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> dict:
 
 
 def baseline_label(summary: dict) -> str:
-    """The kind every other is compared with: the first PreNorm kind, else the first kind."""
+    """The kind every other is compared with: the one the user chose (``setup.baseline``,
+    ``resstream compare --baseline``), else the first kind."""
     kinds = summary["kinds"]
     if not kinds:
         raise ValueError("summary has no kinds")
-    for label, k in kinds.items():
-        if k.get("kind") == "prenorm":
-            return label
-    return next(iter(kinds))
+    chosen = summary.get("setup", {}).get("baseline")
+    return chosen if chosen in kinds else next(iter(kinds))
 
 
 def ok_runs(kind: dict) -> list[dict]:

@@ -7,7 +7,8 @@
 from resstream.data.build import cache_key, default_cache_dir, prepare
 from resstream.data.hf import load_hf_documents
 from resstream.data.prepared import PreparedData, format_stats, shard_dtype
-from resstream.data.sources import Corpus, load_corpus
+from resstream.data.corpus import Corpus
+from resstream.data.sources import load_corpus
 from resstream.data.split import assign_val, split_key
 from resstream.data.tokenizer import EOT, encode_documents, find_eot_id, load_tokenizer, token_byte_lengths, train_bpe
 

@@ -24,7 +24,8 @@ import tokenizers
 
 from resstream.config import ConfigError, DataConfig
 from resstream.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, shard_dtype
-from resstream.data.sources import Corpus, _sha256, load_corpus
+from resstream.data.corpus import Corpus, content_hash
+from resstream.data.sources import load_corpus
 from resstream.data.split import assign_val, split_key
 from resstream.data.tokenizer import PIECE_CHARS, encode_documents, find_eot_id, load_tokenizer, tokenizer_file, train_bpe
 
@@ -38,11 +39,11 @@ def default_cache_dir() -> Path:
 
 def cache_key(cfg: DataConfig, corpus: Corpus) -> str:
     if cfg.tokenizer is not None:
-        tok_id = _sha256("user", tokenizer_file(cfg.tokenizer).read_bytes())
+        tok_id = content_hash("user", tokenizer_file(cfg.tokenizer).read_bytes())
     else:
         # The trainer's output can change between tokenizers releases.
-        tok_id = _sha256("bpe", str(cfg.vocab_size), tokenizers.__version__)
-    return _sha256(
+        tok_id = content_hash("bpe", str(cfg.vocab_size), tokenizers.__version__)
+    return content_hash(
         "resstream-data", str(FORMAT_VERSION), corpus.identity, str(cfg.split_seed), repr(cfg.val_fraction), tok_id
     )[:20]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterator, Optional, Sequence
 
 from resstream.config import ConfigError
-from resstream.data.sources import Corpus, _sha256, _text_value
+from resstream.data.corpus import Corpus, content_hash, text_value
 
 
 def load_hf_documents(
@@ -40,8 +40,8 @@ def load_hf_documents(
     def documents() -> Iterator[str]:
         for batch in ds.select_columns([text_field]).iter(batch_size=1024):
             for value in batch[text_field]:
-                yield _text_value(value, label, text_field)
+                yield text_value(value, label, text_field)
 
     # datasets fingerprints a loaded split from its builder config and data files (the hub
     # revision, or local paths and modification times), so it changes when the data does.
-    return Corpus(label, _sha256("hf", name, config or "", text_field, ds._fingerprint), documents)
+    return Corpus(label, content_hash("hf", name, config or "", text_field, ds._fingerprint), documents)

@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from resstream.config import ConfigError, DataConfig
+from resstream.data.corpus import Corpus, content_hash, text_value
+from resstream.data import hf
 
 BUILTINS = ("kjv", "python-stdlib")
 TEXT_SUFFIXES = (".txt", ".md", ".py")  # a document per file
@@ -26,30 +27,6 @@ SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
 # Folders under the stdlib root that are not library code (tests would double the corpus
 # with repetitive fixtures; site-packages is whatever the user installed).
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A named, content-identified, re-iterable stream of non-empty documents."""
-
-    name: str
-    identity: str  # sha256 hex of everything that determines the documents
-    _documents: Callable[[], Iterator[str]]
-
-    def __iter__(self) -> Iterator[str]:
-        for doc in self._documents():
-            if doc:  # an empty file or record carries no text and no tokens
-                yield doc
-
-
-def _sha256(*parts: bytes | str) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode("utf-8") if isinstance(p, str) else p
-        # Length-prefix each part so ("ab", "c") and ("a", "bc") hash differently.
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -75,7 +52,7 @@ def kjv_corpus() -> Corpus:
         for a, b in bounds:
             yield text[a:b].strip()
 
-    return Corpus("kjv", _sha256("kjv-chapters", text), documents)
+    return Corpus("kjv", content_hash("kjv-chapters", text), documents)
 
 
 def stdlib_files(root: Optional[Path] = None) -> list[Path]:
@@ -144,9 +121,9 @@ def _files_identity(files: list[Path], text_field: Optional[str]) -> str:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):  # chunks: corpora may exceed RAM
                 fh_hash.update(block)
-        h.update(_sha256(f.suffix, fh_hash.digest()).encode())
+        h.update(content_hash(f.suffix, fh_hash.digest()).encode())
     uses_field = any(f.suffix in RECORD_SUFFIXES for f in files)
-    return _sha256("files", h.hexdigest(), text_field if uses_field else "")
+    return content_hash("files", h.hexdigest(), text_field if uses_field else "")
 
 
 def _read_text(path: Path) -> str:
@@ -171,7 +148,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise ConfigError(
                     f"data.text_field: '{path}' line {lineno} has no '{text_field}' field (keys: {keys}); set data.text_field"
                 )
-            yield _text_value(record[text_field], path, text_field)
+            yield text_value(record[text_field], path, text_field)
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -183,15 +160,7 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         raise ConfigError(f"data.text_field: '{path}' has no column '{text_field}' (columns: {', '.join(names)}); set data.text_field")
     for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
         for value in batch.column(0).to_pylist():
-            yield _text_value(value, path, text_field)
-
-
-def _text_value(value: object, where: object, text_field: str) -> str:
-    if value is None:  # a missing value is an empty document, skipped like an empty file
-        return ""
-    if not isinstance(value, str):
-        raise ConfigError(f"data.text_field: '{text_field}' in '{where}' holds {type(value).__name__}, not text; name a text field")
-    return value
+            yield text_value(value, path, text_field)
 
 
 def _file_documents(files: Iterable[Path], text_field: str) -> Iterator[str]:
@@ -228,7 +197,7 @@ def truncate(corpus: Corpus, max_bytes: int) -> Corpus:
             total += size
             yield doc
 
-    return Corpus(corpus.name, _sha256(corpus.identity, "max_bytes", str(max_bytes)), documents)
+    return Corpus(corpus.name, content_hash(corpus.identity, "max_bytes", str(max_bytes)), documents)
 
 
 def parse_hf_spec(spec: str) -> tuple[str, Optional[str]]:
@@ -247,10 +216,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     elif spec == "python-stdlib":
         corpus = stdlib_corpus()
     elif spec.startswith("hf:"):
-        from resstream.data.hf import load_hf_documents
-
         name, config = parse_hf_spec(spec)
-        corpus = load_hf_documents(name, config, cfg.text_field)
+        corpus = hf.load_hf_documents(name, config, cfg.text_field)
     else:
         corpus = local_corpus(spec, cfg.text_field)
     return truncate(corpus, cfg.max_bytes) if cfg.max_bytes is not None else corpus

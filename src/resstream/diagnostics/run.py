@@ -1,6 +1,6 @@
 """``resstream diagnose RUN_DIR``: the depth profile of one trained run, measured and drawn.
 
-Loads the run's newest good checkpoint (``resstream.train.checkpoint.load_run``), measures
+Loads the run's newest good checkpoint (``resstream.runs.load_run``), measures
 it on the first validation windows (the same windows evaluation uses), and writes
 depth.json and the depth plots into RUN_DIR/diagnostics (or ``out_dir``).
 """
@@ -20,8 +20,8 @@ def diagnose_run(run_dir: Path | str, out_dir: Path | str | None = None, batches
     that mix over depth)}.
     """
     from resstream.diagnostics import plots
-    from resstream.train.batches import val_batches
-    from resstream.train.checkpoint import load_run
+    from resstream.data.batches import val_batches
+    from resstream.runs import load_run
 
     from resstream.config import ConfigError
 

@@ -32,8 +32,7 @@ positions (e.g. a causal convolution over tokens) must say so with a class attri
 """
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -271,24 +270,3 @@ def decode_stream(tokenizer, tokens: Iterable[int], stop_at_eot: Optional[int] =
     text = tokenizer.decode(new) if new else ""
     if len(text) > len(sent):
         yield text[len(sent):]
-
-
-def generate_from_run(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-                      top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                      out: TextIO = sys.stdout) -> str:
-    """Load a run (its newest good checkpoint), write the prompt and its streamed continuation
-    to ``out``, and return the continuation. Stops early at the run's end-of-text token."""
-    from resstream.train.checkpoint import load_run_model
-
-    model, _run_config, tokenizer, eot = load_run_model(run_dir)  # the run's own tokenizer.json
-    pieces = stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot)
-    out.write(prompt)
-    out.flush()
-    parts = []
-    for piece in pieces:
-        parts.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
-    return "".join(parts)

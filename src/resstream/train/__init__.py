@@ -1,5 +1,4 @@
-"""The training room: loop, optimizer and schedule, checkpoints, batches, distributed."""
-from resstream.train.checkpoint import CheckpointError, load_run
+"""The training room: setup, loop, evaluation, optimizer and schedule, distributed processes."""
 from resstream.train.loop import RESUMABLE_KEYS, RunResult, train
 
-__all__ = ["train", "RunResult", "load_run", "CheckpointError", "RESUMABLE_KEYS"]
+__all__ = ["train", "RunResult", "RESUMABLE_KEYS"]

@@ -1,7 +1,7 @@
 """The training loop. It knows nothing of residual kinds: it trains an LM from a RunConfig.
 
-    prepare data ─► build model (seeded) ─► [resume] ─► for step: lr, micro-batches,
-    backward, clip, AdamW ─► log / evaluate (loss, bits per byte) / checkpoint
+    setup (data, model seeded, optimizer) ─► [resume] ─► write config.json ─► for step:
+    lr, micro-batches, backward, clip, AdamW ─► log / evaluate (loss, bits per byte) / checkpoint
 
 Batches are a pure function of (seed, step), so resuming from a checkpoint reproduces the
 uninterrupted run step for step, and every kind in a comparison sees the same data.
@@ -9,13 +9,11 @@ uninterrupted run step for step, and every kind in a comparison sees the same da
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -24,20 +22,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-import resstream
-from resstream.config import ConfigError
+from resstream.data.batches import train_batch
+from resstream.runs import folder
+from resstream.runs.checkpoint import latest_good_checkpoint, load_model_state, optimizer_from_tensors, save_checkpoint
 from resstream.runs.config import RunConfig
-from resstream.model import LM
-from resstream.train.batches import train_batch, val_batches
-from resstream.train.checkpoint import (
-    atomic_write_text,
-    latest_good_checkpoint,
-    load_model_state,
-    optimizer_from_tensors,
-    save_checkpoint,
-)
-from resstream.train.distributed import Dist, all_reduce_sum, barrier, init_distributed
-from resstream.train.optim import lr_at, make_optimizer
+from resstream.train.distributed import all_reduce_sum
+from resstream.train.evaluate import evaluate
+from resstream.train.optim import lr_at
+from resstream.train.setup import Session, peak_memory_mb, setup_session
 
 # Settings that may change when resuming (they do not alter the computation of a step).
 RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last"}
@@ -56,247 +48,158 @@ class RunResult:
     wall_s: float
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: '{name}' requested but CUDA is not available; use train.device=cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("train.device: 'mps' requested but MPS is not available; use train.device=cpu")
-    return torch.device(name)
+@dataclass
+class _Window:
+    """Train loss and time accumulated since the last logged row."""
+
+    loss: float = 0.0
+    steps: int = 0
+    time: float = 0.0
+    total_time: float = 0.0  # training time of every step of this call
+    steps_this_call: int = 0
+    last_val: tuple = field(default=(None, None))
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast where the device supports it well (CUDA); fp32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _prepare_run_dir(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / "config.json").is_file():
-            raise ConfigError(f"cannot resume: '{out}' is not a run folder (no config.json)")
-        return
-    if (out / "config.json").exists():
-        raise ConfigError(f"'{out}' already holds a run; resume it with --resume {out} or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write the run folder '{out}': {e.strerror}; choose another --out") from None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we restart from."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
-    atomic_write_text(path, "".join(r + "\n" for r in kept))
-
-
-@torch.no_grad()
-def evaluate(model: LM, batches, token_bytes: torch.Tensor, device, dtype, d: Dist) -> tuple[float, float]:
-    """Validation loss (nats per token) and bits per byte over fixed batches, split across ranks."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
-    for i, (x, y) in enumerate(batches):
-        if i % d.world != d.rank:
-            continue
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
-        nats = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        sums += torch.tensor([nats.item(), y.numel(), token_bytes[y.cpu()].sum().item()], dtype=torch.float64)
-    if d.enabled:
-        sums = all_reduce_sum(sums, d)
-    model.train(was_training)
-    nats, count, nbytes = sums.tolist()
-    return nats / count, nats / math.log(2) / max(nbytes, 1.0)
-
-
-def train(
-    cfg: RunConfig,
-    out: Path | str | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    stop_after: int | None = None,
-) -> RunResult:
+def train(cfg: RunConfig, out: Path | str | None = None, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, stop_after: int | None = None) -> RunResult:
     """Train (or resume) one run into the folder ``out``. ``stop_after`` ends the process's
     work after that many steps as if interrupted (used by tests of exact resume)."""
-    from resstream.data import prepare
+    s = setup_session(cfg, out, resume, log)
+    step = _resume(s) if resume else 0
+    if s.d.is_main:
+        _write_metadata(s, step)
+    return _run(s, step, progress, stop_after)
 
-    tc = cfg.train
-    device = resolve_device(tc.device)
-    dtype = resolve_dtype(tc.dtype, device)
-    d = init_distributed(device.type)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    if tc.batch_size % (tc.grad_accum * d.world):
-        raise ConfigError(
-            f"train.batch_size: {tc.batch_size} sequences cannot be split over grad_accum={tc.grad_accum} x "
-            f"{d.world} processes; make it a multiple of {tc.grad_accum * d.world}"
-        )
-    out = Path(out) if out is not None else default_run_dir(cfg)
-    say = log if d.is_main else (lambda s: None)
 
-    # Everything that can fail on bad input happens before the run folder is touched.
-    if d.is_main:
-        data = prepare(cfg.data, log=say)
-    barrier(d)
-    if not d.is_main:
-        data = prepare(cfg.data, log=None)
-    mcfg = cfg.model_config(data.vocab_size)
-    if tc.seq_len > mcfg.max_seq_len:
-        raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len {mcfg.max_seq_len}; raise model.max_seq_len")
-    vbatches = val_batches(data.val, tc.eval_batches, max(1, tc.batch_size // tc.grad_accum), tc.seq_len)
-    train_batch(data.train, tc.seed, 0, 0, 1, 0, 1, tc.batch_size, tc.seq_len)  # fails early if too short
-    if d.is_main:
-        _prepare_run_dir(out, resume)
-    barrier(d)
-
-    model = LM(mcfg)
-    # Same seed -> same non-residual weights for every residual kind (the stream initialises
-    # its own parameters after the rest), which makes paired comparisons sharper.
-    torch.manual_seed(tc.seed)
-    model.reset_parameters()
-    model.to(device)
-    opt = make_optimizer(model, tc)
-    token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
-
+def _resume(s: Session) -> int:
+    """Load the newest good checkpoint (model, optimizer, RNG); returns its step (0 if none)."""
+    found = latest_good_checkpoint(s.out, warn=s.say)
     step = 0
-    if resume:
-        found = latest_good_checkpoint(out, warn=say)
-        if found is not None:
-            _, state, model_sd, opt_sd = found
-            load_model_state(model, model_sd)
-            rng = {k: v for k, v in opt_sd.items() if k.startswith("rng.")}
-            optimizer_from_tensors(opt, {k: v for k, v in opt_sd.items() if not k.startswith("rng.")}, state["optimizer"])
-            torch.set_rng_state(rng["rng.cpu"])
-            step = state["step"]
-            say(f"resuming {out} from step {step}")
-        else:
-            say(f"no usable checkpoint in {out}; starting from step 0")
-        if d.is_main:
-            _truncate_metrics(out / "metrics.jsonl", step)
-    if d.is_main:
-        meta = {
-            "run": cfg.to_dict(),
-            "model": mcfg.to_dict(),
-            "data_dir": str(data.dir),
-            "data_stats": data.stats,
-            "config_hash": cfg.hash(),
-            "resstream": resstream.__version__,
-            "torch": torch.__version__,
-            "world_size": d.world,
-            "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""),
-            "params": model.num_params(),
-            "params_residual": model.num_params(residual_only=True),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        atomic_write_text(out / "config.json", json.dumps(meta, indent=1))
-        if data.tokenizer_path != out / "tokenizer.json":
-            shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
-        _write_status(out, "running", step)
+    if found is not None:
+        _, state, model_sd, opt_sd = found
+        load_model_state(s.model, model_sd)
+        rng = {k: v for k, v in opt_sd.items() if k.startswith("rng.")}
+        optimizer_from_tensors(s.opt, {k: v for k, v in opt_sd.items() if not k.startswith("rng.")}, state["optimizer"])
+        torch.set_rng_state(rng["rng.cpu"])
+        step = state["step"]
+        s.say(f"resuming {s.out} from step {step}")
+    else:
+        s.say(f"no usable checkpoint in {s.out}; starting from step 0")
+    if s.d.is_main:
+        folder.truncate_metrics(s.out, step)
+    return step
 
-    fwd = DDP(model) if d.enabled else model
+
+def _write_metadata(s: Session, step: int) -> None:
+    import resstream
+
+    meta = {
+        "run": s.cfg.to_dict(), "model": s.model.cfg.to_dict(), "data_dir": str(s.data.dir),
+        "data_stats": s.data.stats, "config_hash": s.cfg.hash(), "resstream": resstream.__version__,
+        "torch": torch.__version__, "world_size": s.d.world, "device": str(s.device),
+        "dtype": str(s.dtype).replace("torch.", ""), "params": s.model.num_params(),
+        "params_residual": s.model.num_params(residual_only=True),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    folder.write_run_config(s.out, meta)
+    if s.data.tokenizer_path != s.out / folder.TOKENIZER:
+        shutil.copyfile(s.data.tokenizer_path, s.out / folder.TOKENIZER)
+    folder.write_status(s.out, "running", step)
+
+
+def _step(s: Session, fwd, step: int) -> tuple[float, float, float]:
+    """One optimizer step's forward and backward over its micro-batches: (mean loss, grad norm, lr).
+    The optimizer itself is stepped by the caller, once the loss is known to be finite."""
+    tc, d = s.cfg.train, s.d
+    lr = lr_at(step, tc)
+    for g in s.opt.param_groups:
+        g["lr"] = lr
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    n_micro = tc.grad_accum
+    for micro in range(n_micro):
+        x, y = train_batch(s.data.train, tc.seed, step, micro, n_micro, d.rank, d.world, tc.batch_size, tc.seq_len)
+        x, y = x.to(s.device), y.to(s.device)
+        sync = contextlib.nullcontext() if (not d.enabled or micro == n_micro - 1) else fwd.no_sync()
+        with sync:
+            with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype != torch.float32):
+                _, loss = fwd(x, y)
+            (loss / n_micro).backward()
+        loss_sum += loss.detach().double().cpu() / n_micro
+    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip).item()
+    return (all_reduce_sum(loss_sum, d) / d.world).item(), grad_norm, lr
+
+
+def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_start: float) -> dict:
+    """The metrics row of ``step`` (logging window and/or evaluation), appended by the main rank."""
+    tc = s.cfg.train
+    tokens_per_step = tc.batch_size * tc.seq_len
+    row: dict = {}
+    if step % tc.log_every == 0 or step == tc.steps:
+        row.update(train_loss=w.loss / w.steps, lr=lr, grad_norm=grad_norm, tokens_per_s=w.steps * tokens_per_step / w.time)
+        w.loss, w.steps, w.time = 0.0, 0, 0.0
+    if step % tc.eval_every == 0 or step == tc.steps:
+        w.last_val = evaluate(s.model, s.vbatches, s.token_bytes, s.device, s.dtype, s.d)
+        row.update(val_loss=w.last_val[0], val_bpb=w.last_val[1])
+    if row and s.d.is_main:
+        row = {"step": step, "tokens": step * tokens_per_step, **row,
+               "peak_mem_mb": peak_memory_mb(s.device), "elapsed_s": time.perf_counter() - t_start}
+        folder.append_metrics(s.out, row)
+    return row
+
+
+def _save(s: Session, step: int) -> None:
+    tc = s.cfg.train
+    extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash()}
+    save_checkpoint(s.out, step, s.model, s.opt, extra, tc.keep_last)
+
+
+def _run(s: Session, step: int, progress: bool, stop_after: int | None) -> RunResult:
+    """The steps from ``step`` to train.steps, then the final status."""
+    tc, d = s.cfg.train, s.d
+    fwd = DDP(s.model) if d.enabled else s.model
     if tc.compile:
         fwd = torch.compile(fwd)
-    n_micro = tc.grad_accum
-    tokens_per_step = tc.batch_size * tc.seq_len
-    metrics_path = out / "metrics.jsonl"
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and d.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
-    train_time, window_loss, window_steps, window_time = 0.0, 0.0, 0, 0.0
-    status, last_val = "finished", (None, None)
-    t_start = time.perf_counter()
-    last_good = step
-    steps_this_call = 0
+    w, status, last_good, t_start = _Window(), "finished", step, time.perf_counter()
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, tc)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for micro in range(n_micro):
-                x, y = train_batch(data.train, tc.seed, step, micro, n_micro, d.rank, d.world, tc.batch_size, tc.seq_len)
-                x, y = x.to(device), y.to(device)
-                sync = contextlib.nullcontext() if (not d.enabled or micro == n_micro - 1) else fwd.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                        _, loss = fwd(x, y)
-                    (loss / n_micro).backward()
-                loss_sum += loss.detach().double().cpu() / n_micro
-            clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-            train_loss = (all_reduce_sum(loss_sum, d) / d.world).item()
+            train_loss, grad_norm, lr = _step(s, fwd, step)
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 status = "diverged"
-                say(f"run diverged at step {step} (loss {train_loss}, grad norm {grad_norm}); last good step {last_good}")
+                s.say(f"run diverged at step {step} (loss {train_loss}, grad norm {grad_norm}); last good step {last_good}")
                 break
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            s.opt.step()
+            s.opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            step += 1
-            steps_this_call += 1
-            last_good = step
-            train_time += dt
-            window_loss, window_steps, window_time = window_loss + train_loss, window_steps + 1, window_time + dt
-            row = {}
-            if step % tc.log_every == 0 or step == tc.steps:
-                row.update(
-                    train_loss=window_loss / window_steps, lr=lr, grad_norm=grad_norm,
-                    tokens_per_s=window_steps * tokens_per_step / window_time,
-                )
-                window_loss, window_steps, window_time = 0.0, 0, 0.0
-            if step % tc.eval_every == 0 or step == tc.steps:
-                last_val = evaluate(model, vbatches, token_bytes, device, dtype, d)
-                row.update(val_loss=last_val[0], val_bpb=last_val[1])
+            step, last_good = step + 1, step + 1
+            w.total_time, w.steps_this_call = w.total_time + dt, w.steps_this_call + 1
+            w.loss, w.steps, w.time = w.loss + train_loss, w.steps + 1, w.time + dt
+            row = _record(s, step, w, lr, grad_norm, t_start)
             if row and d.is_main:
-                row = {"step": step, "tokens": step * tokens_per_step, **row,
-                       "peak_mem_mb": peak_memory_mb(device), "elapsed_s": time.perf_counter() - t_start}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_bpb") if k in row}
                                 | ({"tok/s": f"{row['tokens_per_s']:.0f}"} if "tokens_per_s" in row else {}))
             if d.is_main and (step % tc.save_every == 0 or step == tc.steps):
-                save_checkpoint(out, step, model, opt, {"tokens": step * tokens_per_step, "config_hash": cfg.hash()}, tc.keep_last)
+                _save(s, step)
             bar.update(1)
-            if stop_after is not None and steps_this_call >= stop_after and step < tc.steps:
+            if stop_after is not None and w.steps_this_call >= stop_after and step < tc.steps:
                 status = "interrupted"
                 break
     except KeyboardInterrupt:
         status = "interrupted"
-        say(f"\ninterrupted at step {step}; resume with: resstream train --resume {out}")
+        s.say(f"\ninterrupted at step {step}; resume with: resstream train --resume {s.out}")
     finally:
         bar.close()
-    if d.is_main and status == "interrupted" and step > 0:
-        save_checkpoint(out, step, model, opt, {"tokens": step * tokens_per_step, "config_hash": cfg.hash()}, tc.keep_last)
+    return _finish(s, status, step, last_good, w, t_start)
+
+
+def _finish(s: Session, status: str, step: int, last_good: int, w: _Window, t_start: float) -> RunResult:
+    if s.d.is_main and status == "interrupted" and step > 0:
+        _save(s, step)
     wall = time.perf_counter() - t_start
-    tps = (steps_this_call * tokens_per_step / train_time) if train_time > 0 else 0.0
-    if d.is_main:
-        _write_status(out, status, last_good, val_bpb=last_val[1], tokens_per_s=tps, wall_s=wall)
-    return RunResult(out, status, step, last_good, last_val[0], last_val[1], tps, peak_memory_mb(device), wall)
-
-
-def _write_status(out: Path, status: str, last_good_step: int, **extra) -> None:
-    atomic_write_text(out / "status.json", json.dumps({"status": status, "last_good_step": last_good_step, **extra}, indent=1))
+    tokens_per_step = s.cfg.train.batch_size * s.cfg.train.seq_len
+    tps = (w.steps_this_call * tokens_per_step / w.total_time) if w.total_time > 0 else 0.0
+    if s.d.is_main:
+        folder.write_status(s.out, status, last_good, val_bpb=w.last_val[1], tokens_per_s=tps, wall_s=wall)
+    return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall)

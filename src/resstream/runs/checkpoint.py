@@ -1,12 +1,7 @@
 """Checkpoints: safetensors + a small JSON, written atomically, verified on load.
 
-Layout of a run folder::
-
-    RUN_DIR/config.json            resolved RunConfig + model config + data location
-    RUN_DIR/tokenizer.json         copy of the run's tokenizer
-    RUN_DIR/metrics.jsonl          one JSON object per logged step
-    RUN_DIR/status.json            running | finished | diverged, with the last good step
-    RUN_DIR/checkpoints/step_000100/{model.safetensors, optimizer.safetensors, state.json}
+Layout: RUN_DIR/checkpoints/step_000100/{model.safetensors, optimizer.safetensors, state.json}
+(the other files of a run folder: runs/folder.py).
 
 A checkpoint folder is built under a temporary name, every file fsynced, then renamed into
 place, so a run killed while saving keeps its previous good checkpoint. state.json holds
@@ -24,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from resstream.config import ConfigError
+from resstream.runs.folder import fsync_dir
 
 CKPT_DIR = "checkpoints"
 
@@ -33,25 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which and why."""
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+# ----------------------------------------------------------------------------- hashes
 
 
 def _sha256(path: Path) -> str:
@@ -183,53 +160,3 @@ def load_model_state(model: torch.nn.Module, model_sd: dict) -> None:
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-def read_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a resstream run folder (no config.json); pass a folder made by `resstream train`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"'{path}' is corrupt ({e}); the run cannot be read") from None
-
-
-def load_run_model(run_dir: Path | str, device: str = "cpu"):
-    """Load a run's model without its data: (model in eval mode, RunConfig, tokenizer, eot id).
-
-    The tokenizer is the copy in RUN_DIR/tokenizer.json, so generation never needs the data cache.
-    """
-    from resstream.model.config import ModelConfig
-    from resstream.runs.config import RunConfig
-    from resstream.data.tokenizer import find_eot_id, load_tokenizer
-    from resstream.model import LM
-
-    run_dir = Path(run_dir)
-    meta = read_run_config(run_dir)
-    found = latest_good_checkpoint(run_dir)
-    if found is None:
-        raise ConfigError(f"run folder '{run_dir}' has no usable checkpoint; train it first (or resume it with --resume)")
-    model = LM(ModelConfig.from_dict(meta["model"]))
-    load_model_state(model, found[2])
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    return model.to(device).eval(), RunConfig.from_dict(meta["run"]), tokenizer, find_eot_id(tokenizer)
-
-
-def load_run(run_dir: Path | str, device: str = "cpu"):
-    """Load a finished or partial run: (model in eval mode, RunConfig, PreparedData).
-
-    Uses the newest checkpoint that verifies. The data is reopened from its cache folder
-    or prepared again from the recorded config (deterministic) if the cache is gone.
-    """
-    from resstream.data import PreparedData, prepare
-
-    model, run_cfg, _, _ = load_run_model(run_dir, device)
-    try:
-        data = PreparedData.from_dir(Path(read_run_config(Path(run_dir)).get("data_dir", "")))
-    except Exception:
-        data = prepare(run_cfg.data)
-    return model, run_cfg, data
