@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train several residual kinds x seeds and write a report")
     config_args(c)
-    c.add_argument("--residuals", help="comma-separated kinds, e.g. prenorm,attnres,block_attnres (kind:key=value,... for options)")
+    c.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...] (`resstream kinds` lists the kinds)")
     c.add_argument("--baseline", help="the kind every other is compared with (one of --residuals; default the first)")
     c.add_argument("--seeds", type=int, help="seeds per kind")
     c.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")

@@ -20,7 +20,7 @@ from resstream.runs.config import RunConfig
 
 @dataclass
 class CompareOptions:
-    residuals: str | None = None  # "prenorm,attnres,block_attnres:block_size=4"
+    residuals: str | None = None  # residual specs "kind,kind:key=value,key=value,..."
     seeds: int | None = None
     steps: int | None = None
     tokens: int | None = None
@@ -57,7 +57,7 @@ def parse_residuals(specs: list[str] | tuple[str, ...]) -> list[tuple[str, dict]
 
 def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:
     """The label of the kind the others are compared with: ``baseline`` given as a spec
-    ("block_attnres:block_size=4") or a label ("block_attnres-block_size=4"); None: the first."""
+    ("kind:key=value") or a label ("kind-key=value"); None: the first."""
     if baseline is None:
         return kinds[0][0]
     labels = [label for label, _ in kinds]

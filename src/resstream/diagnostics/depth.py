@@ -47,6 +47,64 @@ def _token_rms(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(-1).sqrt()
 
 
+class SublayerTaps:
+    """Forward hooks that record each sublayer's (input x_l, raw output y_l) and the final
+    norm's input during one forward, in call order; removed on exit. Works for every kind."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.final_in: list[Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "SublayerTaps":
+        for s in self.model.sublayers:
+            self._handles.append(s.register_forward_hook(lambda m, args, out: self.pairs.append((args[0], out))))
+        self._handles.append(self.model.final_norm.register_forward_hook(lambda m, args, out: self.final_in.append(args[0])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.pairs.clear()
+        self.final_in.clear()
+
+
+def _add_grads(sums: dict, loss: Tensor, params: list[list[Tensor]], ys: list[Tensor]) -> None:
+    """||dLoss/d params of sublayer l|| and ||dLoss/dy_l|| of one batch, added to ``sums``."""
+    flat = [p for ps in params for p in ps]
+    grads = torch.autograd.grad(loss, flat + ys, allow_unused=True)
+    pgrads, ygrads = grads[: len(flat)], grads[len(flat):]
+    k = 0
+    for l, ps in enumerate(params):
+        gs = [g for g in pgrads[k : k + len(ps)] if g is not None]
+        k += len(ps)
+        sq = sum(g.double().pow(2).sum() for g in gs) if gs else torch.zeros((), dtype=torch.float64)
+        sums["grad_norm"][l] += math.sqrt(float(sq))
+        sums["grad_norm_output"][l] += 0.0 if ygrads[l] is None else ygrads[l].double().norm().item()
+
+
+@torch.no_grad()
+def _add_magnitudes(sums: dict, pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """RMS of x_l and y_l, ||y_l|| / ||x_l|| and cos(y_l, x_l) of one batch, added to ``sums``."""
+    for l, (x, y) in enumerate(pairs):
+        rx, ry = _token_rms(x), _token_rms(y)
+        sums["output_rms"][l] += ry.mean().item()
+        sums["input_rms"][l] += rx.mean().item()
+        sums["rel_contribution"][l] += (ry / rx.clamp_min(1e-30)).mean().item()
+        sums["cos_in_out"][l] += torch.cosine_similarity(y.detach().float(), x.detach().float(), dim=-1, eps=1e-30).mean().item()
+
+
+def _mixing_means(mixing: list) -> list[np.ndarray] | None:
+    """Per row the mean weight of each source over tokens ([B, T, n] -> [n]); None when no row mixes."""
+    if not any(w is not None for w in mixing):
+        return None
+    return [np.zeros(0) if w is None else w.detach().double().mean(dim=(0, 1)).cpu().numpy() for w in mixing]
+
+
 def measure_depth(model: nn.Module, batches: Sequence[Batch]) -> dict:
     """Measure per-sublayer magnitudes, gradients and mixing weights of ``model`` on ``batches``.
 
@@ -58,82 +116,43 @@ def measure_depth(model: nn.Module, batches: Sequence[Batch]) -> dict:
     batches = list(batches)
     if not batches:
         raise ValueError("measure_depth needs at least one (idx, targets) batch")
-    sublayers = list(model.sublayers)
-    L = len(sublayers)
-    stream = model.residual
+    L = len(model.sublayers)
     device = next(model.parameters()).device
-    params = [[p for p in s.parameters() if p.requires_grad] for s in sublayers]
-    flat_params = [p for ps in params for p in ps]
-
+    params = [[p for p in s.parameters() if p.requires_grad] for s in model.sublayers]
     sums = {k: np.zeros(L) for k in _PER_SUBLAYER}
-    final_rms = 0.0
-    loss_sum = 0.0
+    totals = {"final_input_rms": 0.0, "loss": 0.0}
     mixing_sum: list[np.ndarray] | None = None
-    captured: list[tuple[Tensor, Tensor]] = []  # (x_l, y_l) of the current batch, in call order
-    final_in: list[Tensor] = []  # the final norm's input
-
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-        captured.append((args[0], output))
-
     was_training = model.training
-    handles = [s.register_forward_hook(hook) for s in sublayers]
-    handles.append(model.final_norm.register_forward_hook(lambda m, args, out: final_in.append(args[0])))
     try:
         model.eval()
-        with torch.enable_grad():
+        with SublayerTaps(model) as taps, torch.enable_grad():
             for idx, targets in batches:
-                captured.clear()
-                final_in.clear()
-                idx, targets = idx.to(device), targets.to(device)
-                _, loss, mixing = model(idx, targets, return_mixing=True)
-                if len(captured) != L:
-                    raise RuntimeError(f"expected {L} sublayer calls in one forward, saw {len(captured)}")
-                xs = [x for x, _ in captured]
-                ys = [y for _, y in captured]
-                grads = torch.autograd.grad(loss, flat_params + ys, allow_unused=True)
-                pgrads, ygrads = grads[: len(flat_params)], grads[len(flat_params):]
-                k = 0
-                for l in range(L):
-                    gs = [g for g in pgrads[k : k + len(params[l])] if g is not None]
-                    k += len(params[l])
-                    sq = sum(g.double().pow(2).sum() for g in gs) if gs else torch.zeros((), dtype=torch.float64)
-                    sums["grad_norm"][l] += math.sqrt(float(sq))
-                    gy = ygrads[l]
-                    sums["grad_norm_output"][l] += 0.0 if gy is None else gy.double().norm().item()
-                with torch.no_grad():
-                    for l, (x, y) in enumerate(zip(xs, ys)):
-                        rx, ry = _token_rms(x), _token_rms(y)
-                        sums["output_rms"][l] += ry.mean().item()
-                        sums["input_rms"][l] += rx.mean().item()
-                        sums["rel_contribution"][l] += (ry / rx.clamp_min(1e-30)).mean().item()
-                        cos = torch.cosine_similarity(y.detach().float(), x.detach().float(), dim=-1, eps=1e-30)
-                        sums["cos_in_out"][l] += cos.mean().item()
-                    final_rms += _token_rms(final_in[-1]).mean().item()
-                    loss_sum += loss.item()
-                    if getattr(stream, "mixes_depth", False) and any(w is not None for w in mixing):
-                        # [B, T, n_sources] -> [n_sources]; a row without weights stays empty
-                        means = [np.zeros(0) if w is None else w.detach().double().mean(dim=(0, 1)).cpu().numpy()
-                                 for w in mixing]
-                        mixing_sum = means if mixing_sum is None else [a + b for a, b in zip(mixing_sum, means)]
-                captured.clear()
-                final_in.clear()
+                taps.clear()
+                _, loss, mixing = model(idx.to(device), targets.to(device), return_mixing=True)
+                if len(taps.pairs) != L:
+                    raise RuntimeError(f"expected {L} sublayer calls in one forward, saw {len(taps.pairs)}")
+                _add_grads(sums, loss, params, [y for _, y in taps.pairs])
+                _add_magnitudes(sums, taps.pairs)
+                totals["final_input_rms"] += _token_rms(taps.final_in[-1]).mean().item()
+                totals["loss"] += loss.item()
+                means = _mixing_means(mixing) if model.residual.mixes_depth else None
+                if means is not None:
+                    mixing_sum = means if mixing_sum is None else [a + b for a, b in zip(mixing_sum, means)]
+            taps.clear()
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
+    return _result(model.residual, batches, sums, totals, mixing_sum)
 
-    n = len(batches)
+
+def _result(stream, batches: list[Batch], sums: dict, totals: dict, mixing_sum: list[np.ndarray] | None) -> dict:
+    n, L = len(batches), len(sums["output_rms"])
     out: dict = {k: [float(v / n) for v in sums[k]] for k in _PER_SUBLAYER}
-    out["final_input_rms"] = final_rms / n
-    out["loss"] = loss_sum / n
+    out.update({k: v / n for k, v in totals.items()})
     out["n_batches"] = n
     out["n_tokens"] = int(sum(idx.numel() for idx, _ in batches))
     out["kind"] = getattr(stream, "kind", type(stream).__name__)
-    if mixing_sum is None:
-        out["mixing"] = None
-        out["source_names"] = None
-        out["mixing_sums_to_one"] = None
-    else:
+    out["mixing"] = out["source_names"] = out["mixing_sums_to_one"] = None
+    if mixing_sum is not None:
         width = max(len(m) for m in mixing_sum)
         out["mixing"] = [[float(v / n) for v in m] + [None] * (width - len(m)) for m in mixing_sum]
         out["source_names"] = [list(stream.source_names(l)) for l in range(L + 1)]

@@ -32,15 +32,14 @@ positions (e.g. a causal convolution over tokens) must say so with a class attri
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from resstream.model.layers import Attention
 
-if TYPE_CHECKING:  # pragma: no cover
-    from resstream.model.lm import LM
+# ``model`` below is a resstream LM (model/lm.py, which imports this module: hence nn.Module).
 
 
 # ----------------------------------------------------------------------------- caches
@@ -78,7 +77,7 @@ class DecodeCache:
     residual state persists: see the module docstring.
     """
 
-    def __init__(self, model: "LM", batch: int, max_len: Optional[int] = None) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: Optional[int] = None) -> None:
         cfg = model.cfg
         if getattr(model.residual, "mixes_positions", False):
             raise ValueError(f"residual kind '{cfg.residual.kind}' mixes positions: a KV cache alone cannot decode it")
@@ -98,7 +97,7 @@ class DecodeCache:
         return next(c.pos for c in self.layers if c is not None)
 
 
-def prefill(model: "LM", idx: Tensor, cache: DecodeCache, chunk_size: Optional[int] = None,
+def prefill(model: nn.Module, idx: Tensor, cache: DecodeCache, chunk_size: Optional[int] = None,
             last_only: bool = False) -> Tensor:
     """Run the tokens idx [B, T] at positions cache.pos.. through the model, ``chunk_size``
     positions at a time (None: all at once). Returns their logits [B, T, V], or only the last
@@ -161,7 +160,7 @@ def _generator(seed: Optional[int], device: torch.device) -> torch.Generator:
 # ----------------------------------------------------------------------------- generation
 
 
-def check_request(model: "LM", idx: Tensor, max_new_tokens: int) -> None:
+def check_request(model: nn.Module, idx: Tensor, max_new_tokens: int) -> None:
     """One-line ValueErrors for prompts and lengths the model cannot serve."""
     if idx.dim() not in (1, 2) or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"prompt must be integer token ids [T] or [B, T], got {idx.dtype} of shape {tuple(idx.shape)}")
@@ -181,7 +180,7 @@ def check_request(model: "LM", idx: Tensor, max_new_tokens: int) -> None:
 
 
 @torch.inference_mode()
-def _tokens(model: "LM", idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+def _tokens(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
             top_p: Optional[float], seed: Optional[int]) -> Iterator[Tensor]:
     """Yield each new token [B]; arguments already checked."""
     gen = _generator(seed, idx.device)
@@ -202,7 +201,7 @@ def _tokens(model: "LM", idx: Tensor, max_new_tokens: int, temperature: float, t
             logits = model.decode(nxt[:, None], cache)[:, -1]
 
 
-def generate_tokens(model: "LM", idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate_tokens(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     seed: Optional[int] = None) -> Iterator[Tensor]:
     """Iterator over the new tokens [B] of ``generate``, one per step (idx: [B, T]).
@@ -213,7 +212,7 @@ def generate_tokens(model: "LM", idx: Tensor, max_new_tokens: int, temperature: 
     return _tokens(model, idx if idx.dim() == 2 else idx[None], max_new_tokens, temperature, top_k, top_p, seed)
 
 
-def generate(model: "LM", idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None) -> Tensor:
     """Extend the prompt idx ([B, T] or [T] token ids) by ``max_new_tokens`` tokens.
 
@@ -234,7 +233,7 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(getattr(enc, "ids", enc))  # a tokenizers.Encoding, or a plain list of ids
 
 
-def stream_generate(model: "LM", tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
+def stream_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                     stop_at_eot: Optional[int] = None) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces, as the tokens are generated.

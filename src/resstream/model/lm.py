@@ -14,18 +14,15 @@ state dict loads into any kind with only ``residual.*`` missing.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resstream.model.config import ModelConfig
+from resstream.model.generate import DecodeCache, generate
 from resstream.model.layers import MLP, Attention, RMSNorm
 from resstream.residual import build_residual
-
-if TYPE_CHECKING:  # pragma: no cover
-    from resstream.model.generate import DecodeCache
 
 
 class LM(nn.Module):
@@ -92,7 +89,7 @@ class LM(nn.Module):
         return (logits, loss, mixing) if return_mixing else (logits, loss)
 
     @torch.inference_mode()
-    def decode(self, idx: Tensor, cache: "DecodeCache", last_only: bool = False) -> Tensor:
+    def decode(self, idx: Tensor, cache: DecodeCache, last_only: bool = False) -> Tensor:
         """Incremental forward: logits [B, T, V] of the T new tokens idx [B, T] at positions
         cache.pos.., appending their keys and values to ``cache`` (a model.generate.DecodeCache).
         The residual state is built and consumed within the call: depth mixing is per token, so
@@ -113,8 +110,6 @@ class LM(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None) -> Tensor:
         """Extend idx [B, T] (or [T]) by max_new_tokens sampled tokens; see model.generate.generate."""
-        from resstream.model.generate import generate
-
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed)
 
     def num_params(self, residual_only: bool = False) -> int:
