@@ -1,0 +1,66 @@
+"""The config of one training run: model, data, training and comparison sections, read from a
+TOML file or a built-in preset plus ``key=value`` overrides, written resolved into the run folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resstream.config import (
+    CompareConfig,
+    ConfigBase,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    apply_overrides,
+    config_hash,
+    load_toml,
+    require,
+)
+from resstream.model.config import ModelConfig
+
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+
+
+@dataclass
+class RunConfig(ConfigBase):
+    """Everything one training run needs; written resolved into the run folder."""
+
+    name: str = "run"
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model config, with the vocabulary size taken from the tokenizer."""
+        d = dict(self.model)
+        d["vocab_size"] = vocab_size
+        return ModelConfig.from_dict(d, prefix="model.")
+
+    def validate(self) -> None:
+        require(bool(self.name) and "/" not in self.name, f"name: must be a non-empty name without '/', got '{self.name}'")
+        # Check the model section eagerly (vocab_size comes later from the tokenizer).
+        d = dict(self.model)
+        require("vocab_size" not in d, "model.vocab_size: is set from the tokenizer; set data.vocab_size instead")
+        ModelConfig.from_dict({**d, "vocab_size": self.data.vocab_size}, prefix="model.")
+
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise ConfigError(f"unknown preset '{name}'; known presets: {known}")
+    return path
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    preset: str | None = None) -> RunConfig:
+    """A RunConfig from a TOML file or a built-in preset (at most one), then overrides."""
+    if path and preset:
+        raise ConfigError("pass either --config or --preset, not both")
+    source = preset_path(preset) if preset else path
+    data = load_toml(source) if source else {}
+    return RunConfig.from_dict(apply_overrides(data, overrides or []))
