@@ -6,29 +6,28 @@ import copy
 import torch
 
 from resstream import LM, ModelConfig, ResidualConfig
+from resstream.residual import available_kinds, get_kind
 
-
-# (kind, residual options) pairs covered by the generic property tests (tests/test_core.py,
-# generation tests, ...). Each new residual kind adds its rows here.
-KIND_CASES: list[tuple[str, dict]] = [
-    ("prenorm", {}),
-    ("attnres", {}),
-    *[("block_attnres", {"block_size": s}) for s in (1, 2, 4, 5, 6, 9)],
+# Options beyond the defaults that the generic property tests (tests/residual/test_contract.py,
+# generation and diagnostics tests) also cover. Every registered kind is covered with its
+# default options without a row here; a new kind adds at most one row.
+EXTRA_CASES: list[tuple[str, dict]] = [
+    *[("block_attnres", {"block_size": s}) for s in (1, 2, 5, 6, 9)],
     ("hc", {"n_streams": 2, "dynamic": False}),
-    ("hc", {"n_streams": 4}),
     ("hc", {"n_streams": 1}),
-    ("mhc", {"n_streams": 4}),
     ("mhc", {"n_streams": 3, "dynamic": False}),
-    ("denseformer", {}),
-    ("ddl", {}),
     ("ddl", {"ddl_beta_init": 1.9}),  # near the reflection regime
-    # window 1 is checked in float64 only (tests/test_kinds_extra.py): its float32 gradients
-    # of the first sublayer are ill-conditioned under random queries (1.8e-5 at worst)
+    # window 1 is checked in float64 only (tests/residual/test_depth_swa.py): its float32
+    # gradients of the first sublayer are ill-conditioned under random queries (1.8e-5 at worst)
     ("depth_swa", {"window": 2, "key_norm_learnable": False}),
     ("depth_swa", {"window": 3}),
-    ("rezero", {}),
-    ("scaled", {}),
 ]
+
+# Kinds that own no parameters (tests/residual/test_contract.py checks that every other kind does).
+PARAMETER_FREE_KINDS = {"prenorm", "scaled"}
+
+# (kind, residual options): every registered kind with its defaults, then EXTRA_CASES.
+KIND_CASES: list[tuple[str, dict]] = [(kind, {}) for kind in available_kinds()] + EXTRA_CASES
 
 
 def case_id(case: tuple[str, dict]) -> str:
@@ -56,12 +55,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def reference_logits(model: LM, idx: torch.Tensor):
-    """A float64 copy of the model, its logits through the kind's reference, and the weights."""
-    from resstream.residual.reference import REFERENCES
-
+    """A float64 copy of the model, its logits through the kind's registered reference, and the weights."""
     m = copy.deepcopy(model).double()
     params = dict(m.residual.named_parameters())
-    h, weights = REFERENCES[m.cfg.residual.kind](m.embed(idx), list(m.sublayers), params, m.cfg.residual)
+    reference = get_kind(m.cfg.residual.kind).reference
+    h, weights = reference(m.embed(idx), list(m.sublayers), params, m.cfg.residual)
     return m, m.head(m.final_norm(h)), weights
 
 
@@ -84,3 +82,16 @@ def assert_matches_reference(model: LM, idx: torch.Tensor, tol: float) -> tuple[
         assert g[name] is not None and g_ref[name] is not None, name
         assert rel_err(g[name], g_ref[name]) < tol, name
     return mixing, ref_weights
+
+
+def embedding_only_logits(model: LM, idx: torch.Tensor) -> torch.Tensor:
+    """Logits of the model with every sublayer skipped: head(final_norm(emb))."""
+    return model.head(model.final_norm(model.embed(idx)))
+
+
+def prenorm_twin(model: LM) -> LM:
+    """A PreNorm LM with the same non-residual weights as ``model``."""
+    base = LM(model.cfg.replace(residual=ResidualConfig(kind="prenorm"))).to(next(model.parameters()).dtype)
+    missing, unexpected = base.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("residual.") for k in unexpected)
+    return base

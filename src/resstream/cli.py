@@ -93,11 +93,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_kinds(args) -> int:
-    from resstream.residual.base import _REGISTRY
+    from resstream.residual import available_kinds, get_kind
 
-    for name, cls in _REGISTRY.items():
-        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:15s} {doc}")
+    for name in available_kinds():
+        kind = get_kind(name)
+        print(f"{name:15s} {kind.summary}")
+        if kind.option_defaults():
+            opts = {k: str(v).lower() if isinstance(v, bool) else v for k, v in kind.option_defaults().items()}
+            print(f"{'':15s} options: " + ", ".join(f"{k}={v}" for k, v in opts.items()))
     return 0
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from resstream.compare.stats import baseline_label, summarize
 from resstream.diagnostics import plots
 from resstream.diagnostics.document import Block, write_document
+from resstream.residual import describe
+from resstream.residual.config import distinct_options
 
 # ----------------------------------------------------------------------------- number formats
 
@@ -148,17 +150,8 @@ def _value(v) -> str:
 
 
 def _residual_options(res: dict) -> dict:
-    """The options that describe a kind: as given, or, for a complete ResidualConfig dict,
-    those that differ from the defaults (the rest belong to other kinds)."""
-    import dataclasses
-
-    from resstream.residual.config import ResidualConfig
-
-    fields = {f.name: f.default for f in dataclasses.fields(ResidualConfig)}
-    opts = {a: b for a, b in res.items() if a != "kind"}
-    if set(res) >= set(fields):
-        opts = {a: b for a, b in opts.items() if fields.get(a) != b}
-    return opts
+    """The options that describe a kind (as given, or those a saved config sets apart)."""
+    return distinct_options(res)
 
 
 def _slug(label: str) -> str:
@@ -226,7 +219,8 @@ def _figures(summary: dict, out_dir: Path) -> list[Block]:
         for l, d in depth.items():
             if d.get("mixing") is not None and d.get("source_names") is not None:
                 p = plots.plot_mixing_heatmap(d["mixing"], d["source_names"], out_dir / f"mixing_{_slug(l)}.png",
-                                              title=f"Depth-mixing weights: {l}")
+                                              title=f"Depth-mixing weights: {l}", sums_to_one=d.get("mixing_sums_to_one"),
+                                              legend=describe(kinds[l].get("kind")).get("source_legend"))
                 figs.append(Block("fig", f"{l}: mean weight each sublayer input (rows) gives each earlier source "
                                   "(columns) on validation tokens.", path=p))
     return figs

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from resstream.config import ConfigError, apply_overrides, parse_value
-from resstream.residual.config import ResidualConfig
+from resstream.config import ConfigError, apply_overrides
+from resstream.residual.config import parse_specs
 from resstream.runs.config import RunConfig
 
 
@@ -32,27 +32,7 @@ class CompareOptions:
 
 def parse_residuals(specs: list[str] | tuple[str, ...]) -> list[tuple[str, dict]]:
     """'block_attnres:block_size=4' -> ('block_attnres-block_size=4', {'kind': ..., 'block_size': 4})."""
-    out, labels = [], set()
-    for spec in specs:
-        spec = spec.strip()
-        if not spec:
-            continue
-        kind, _, opts = spec.partition(":")
-        residual = {"kind": kind.strip()}
-        for item in filter(None, (o.strip() for o in opts.split(","))):
-            if "=" not in item:
-                raise ConfigError(f"--residuals: bad option '{item}' in '{spec}'; write kind:key=value,key=value")
-            k, _, v = item.partition("=")
-            residual[k.strip()] = parse_value(v.strip())
-        ResidualConfig.from_dict(residual, prefix="model.residual.")  # unknown kinds/keys fail here
-        label = spec.replace(":", "-").replace(",", "-")
-        if label in labels:
-            raise ConfigError(f"--residuals: '{spec}' is listed twice")
-        labels.add(label)
-        out.append((label, residual))
-    if not out:
-        raise ConfigError("--residuals: name at least one residual kind")
-    return out
+    return parse_specs(specs)
 
 
 def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:

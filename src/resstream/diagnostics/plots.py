@@ -7,7 +7,6 @@ keeps the same colour in every figure as long as the dicts list kinds in the sam
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -194,8 +193,8 @@ def _column_order(source_names: Sequence[Sequence[str]]) -> list[str]:
     """Columns for the heatmap: an order consistent with every row's own order of sources
     (a topological sort of "comes before" within rows). Among sources free to go next, those
     found at one fixed position in every row come first, then by first appearance; so a
-    source whose position moves from row to row (Block AttnRes's running partial sum) ends
-    up after the block sums it follows: emb, B1, B2, ..., partial."""
+    source whose position moves from row to row (e.g. a running partial sum that always comes
+    last) ends up after the sources it follows: emb, B1, B2, ..., partial."""
     pos: dict[str, set[int]] = {}
     first: dict[str, tuple[int, int]] = {}
     after: dict[str, set[str]] = {}
@@ -228,19 +227,9 @@ def _column_order(source_names: Sequence[Sequence[str]]) -> list[str]:
     return order + sorted((n for n in n_before if n not in order), key=key)
 
 
-_SOURCE_HELP = [
-    (re.compile(r"emb"), "emb: token embedding"),
-    (re.compile(r"f\d+"), "fi: output of sublayer i"),
-    (re.compile(r"B\d+"), "Bj: sum of block j"),
-    (re.compile(r"partial"), "partial: running sum of the open block"),
-    (re.compile(r"X\d+"), "Xj: output of layer j"),
-]
-
-
-def _source_legend(cols: Sequence[str]) -> str:
-    """The x label: 'source', with the naming schemes that occur among the columns."""
-    helps = [h for pat, h in _SOURCE_HELP if any(pat.fullmatch(c) for c in cols)]
-    return "source" + (" (" + "; ".join(helps) + ")" if helps else "")
+def _source_legend(legend: Mapping[str, str] | None) -> str:
+    """The x label: 'source', with the stream's naming scheme (``ResidualStream.source_legend``)."""
+    return "source" + (" (" + "; ".join(f"{k}: {v}" for k, v in legend.items()) + ")" if legend else "")
 
 
 def sublayer_label(l: int, L: int) -> str:
@@ -254,10 +243,15 @@ def plot_mixing_heatmap(
     source_names: Sequence[Sequence[str]],
     out_path: Path | str,
     title: str = "Depth-mixing weights",
+    sums_to_one: bool | None = None,
+    legend: Mapping[str, str] | None = None,
 ) -> Path:
     """(d) Mean depth-mixing weight of each source (columns) in each sublayer's input and the
     final mixture (rows). ``mixing``: [L+1][n_sources] padded with None or NaN;
-    ``source_names[l]``: names of row l's sources (``ResidualStream.source_names``)."""
+    ``source_names[l]``: names of row l's sources (``ResidualStream.source_names``);
+    ``sums_to_one``: the stream's ``weights_sum_to_one`` (False: free coefficients, drawn on a
+    scale centred at 0; None: not declared, the scale is centred at 0 only if a weight is
+    negative); ``legend``: its ``source_legend``, shown under the columns."""
     L = len(mixing) - 1
     cols = _column_order(source_names)
     col = {n: j for j, n in enumerate(cols)}
@@ -269,9 +263,8 @@ def plot_mixing_heatmap(
     h = min(16.0, 2.0 + 0.34 * (L + 1))
     fig, ax = plt.subplots(figsize=(w, h))
     finite = grid[np.isfinite(grid)]
-    signed = finite.size > 0 and float(finite.min()) < 0  # free coefficients (DenseFormer), not a softmax
-    sums_to_one = bool(finite.size) and all(
-        abs(np.nansum(row) - 1) < 1e-3 for row in grid if np.isfinite(row).any())
+    # free coefficients (not a softmax) can be negative: a diverging scale centred at 0
+    signed = sums_to_one is False or (finite.size > 0 and float(finite.min()) < 0)
     if signed:
         lim = max(1e-9, float(np.abs(finite).max()))
         cmap, vmin, vmax = plt.get_cmap("RdBu_r"), -lim, lim
@@ -283,7 +276,7 @@ def plot_mixing_heatmap(
     ax.set_xticklabels(cols, rotation=60 if len(cols) > 10 else 0, fontsize=8 if len(cols) > 16 else 9)
     ax.set_yticks(range(L + 1))
     ax.set_yticklabels([sublayer_label(l, L) for l in range(L + 1)], fontsize=8 if L > 24 else 9)
-    ax.set_xlabel(_source_legend(cols))
+    ax.set_xlabel(_source_legend(legend))
     ax.set_ylabel("input of sublayer (row L: final mixture)")
     if len(cols) <= 12 and L + 1 <= 26:
         for r in range(L + 1):
@@ -294,7 +287,7 @@ def plot_mixing_heatmap(
                     ax.text(j, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
                             color="black" if light else "white")
     fig.colorbar(im, ax=ax, label="mean weight over tokens", fraction=0.05, pad=0.02)
-    note = "each row sums to 1" if sums_to_one else "free coefficients, rows need not sum to 1"
-    ax.set_title(title + f"\n({note}; grey: source not read by that row)", fontsize=11)
+    note = {True: "each row sums to 1; ", False: "free coefficients, rows need not sum to 1; ", None: ""}[sums_to_one]
+    ax.set_title(title + f"\n({note}grey: source not read by that row)", fontsize=11)
     fig.tight_layout()
     return _save(fig, out_path)

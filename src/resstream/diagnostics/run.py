@@ -50,7 +50,8 @@ def diagnose_run(run_dir: Path | str, out_dir: Path | str | None = None, batches
                                        title=f"Gradient magnitude by depth: {label}"))
     if depth["mixing"] is not None:
         files.append(plots.plot_mixing_heatmap(depth["mixing"], depth["source_names"], out_dir / "mixing.png",
-                                               title=f"Depth-mixing weights: {label}"))
+                                               title=f"Depth-mixing weights: {label}", sums_to_one=depth["mixing_sums_to_one"],
+                                               legend=model.residual.source_legend))
     return {"run_dir": str(run_dir), "out_dir": str(out_dir), "label": label, "depth": depth,
             "files": [str(f) for f in files]}
 

@@ -5,30 +5,18 @@
                  ▼
          logits[-1] ─► sample ─► token ─► LM.decode(token, cache) ─► ...   one position per step
 
-What persists across steps, per residual kind. Every kind's depth mixing is per token: the
-sources mixed for token t are token t's own embedding and its own earlier sublayer outputs,
-never another position's. So a decoding step builds the whole residual state of its new
-token(s) in ``stream.init`` and consumes it by ``stream.finish``, and only attention's keys
-and values (the one place where positions meet) persist between steps. Within a step each
-kind keeps, per new token:
-
-- prenorm, rezero, scaled, ddl: the running hidden state h, one [B, T, D] tensor (ddl's delta
-  rule reads only the token's own h and sublayer output).
-- attnres (Full): the token's history v_0 = emb, v_1 = f_0, ... with each source's statistics
-  (its RMS, or its logits against the later queries), computed once when it is written.
-- block_attnres: the completed block sums b_0 = emb, b_1, ... with their statistics, the
-  partial sum of the open block, and the phase-1 result of the open block (output and
-  log-sum-exp of each of its queries over the completed blocks).
-- depth_swa: the embedding and the token's last W sublayer outputs with their statistics.
-- denseformer: h and the token's block outputs X_0 = emb, X_1, ... for the depth averages.
-- hc, mhc: the token's n parallel streams [B, T, n, D] (and the read prepared from them).
+What persists across steps. Every residual kind's depth mixing is per token: the sources
+mixed for token t are token t's own embedding and its own earlier sublayer outputs, never
+another position's. So a decoding step builds the whole residual state of its new token(s)
+in ``stream.init`` and consumes it by ``stream.finish``, and only attention's keys and values
+(the one place where positions meet) persist between steps. What each kind's state holds
+within a step is described in its stream class's docstring (``resstream kinds`` lists them).
 
 None of these needs a cache across steps because none reads another position. That claim is
 checked, not assumed: tests/test_generate.py compares incremental decoding with the full
-forward for every kind in ``tests/helpers.KIND_CASES``. A kind whose residual does mix
-positions (e.g. a causal convolution over tokens) must say so with a class attribute
-``mixes_positions = True``; generation then recomputes the whole sequence every step
-(exact, slow) instead of using the KV cache.
+forward for every registered kind. A kind whose residual does mix positions (e.g. a causal
+convolution over tokens) declares ``mixes_positions = True`` on its class; generation then
+recomputes the whole sequence every step (exact, slow) instead of using the KV cache.
 """
 from __future__ import annotations
 
@@ -79,7 +67,7 @@ class DecodeCache:
 
     def __init__(self, model: nn.Module, batch: int, max_len: Optional[int] = None) -> None:
         cfg = model.cfg
-        if getattr(model.residual, "mixes_positions", False):
+        if model.residual.mixes_positions:
             raise ValueError(f"residual kind '{cfg.residual.kind}' mixes positions: a KV cache alone cannot decode it")
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_seq_len:
@@ -185,7 +173,7 @@ def _tokens(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: flo
     """Yield each new token [B]; arguments already checked."""
     gen = _generator(seed, idx.device)
     sample = lambda logits: sample_next(logits, temperature, top_k, top_p, gen)  # noqa: E731
-    if getattr(model.residual, "mixes_positions", False):  # no KV cache can serve it: recompute
+    if model.residual.mixes_positions:  # no KV cache can serve it: recompute
         seq = idx
         for i in range(max_new_tokens):
             nxt = sample(model(seq)[:, -1])

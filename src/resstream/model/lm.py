@@ -33,7 +33,7 @@ class LM(nn.Module):
         self.sublayers = nn.ModuleList(
             [Attention(cfg) if l % 2 == 0 else MLP(cfg) for l in range(cfg.n_sublayers)]
         )
-        self.residual = build_residual(cfg)
+        self.residual = build_residual(cfg.residual, cfg.n_sublayers, cfg.d_model)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

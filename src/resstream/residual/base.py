@@ -1,4 +1,4 @@
-"""The ResidualStream contract and the registry of residual kinds.
+"""The ResidualStream contract and the one registry of residual kinds.
 
 Depth is a sequence of L sublayers (attention and MLP alternating), l = 0..L-1. Each
 sublayer returns its raw output y_l = f_l(x_l). A ResidualStream owns every residual
@@ -16,65 +16,70 @@ Kinds that mix over depth implement ``read_weighted`` / ``finish_weighted``, ret
 input together with its depth-mixing weights [B, T, n_sources] (None for kinds that do not
 mix); ``read`` and ``finish`` are those same functions without the weights, so
 diagnostics never run a second code path.
+
+A kind is registered once, with everything that defines it::
+
+    @register("hc", options=StreamOptions, reference=hc_reference)
+    class HyperConnections(ResidualStream): ...
+
+``options``: a ConfigBase dataclass of the kind's options with their defaults and checks
+(``ResidualConfig(kind="hc", n_streams=2)`` is built from it, see residual/config.py);
+``reference``: the kind's plain float64 specification (``Reference``). What the stream
+declares about itself lives on its class (``ResidualStream``'s class attributes) and is
+read through ``get_kind(name).stream`` or on an instance, never guessed from its name.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from resstream.model.config import ModelConfig
+from resstream.config import ConfigBase, ConfigError
 
 State = dict
 
-_REGISTRY: dict[str, type["ResidualStream"]] = {}
+# reference(emb [B,T,D], sublayers f_l, params by name as in stream.named_parameters(), the
+# kind's config) -> (input of the final norm, depth-mixing weights of each sublayer input and of
+# the final mixture, [] for kinds that do not mix). Everything in float64.
+Reference = Callable[[Tensor, Sequence[Callable[[Tensor], Tensor]], dict, Any], tuple[Tensor, list]]
 
 
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator adding a ResidualStream subclass to the registry under ``name``."""
-
-    def deco(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"residual kind '{name}' registered twice")
-        cls.kind = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_kinds() -> list[str]:
-    return list(_REGISTRY)
-
-
-def build_residual(cfg: "ModelConfig") -> "ResidualStream":
-    kind = cfg.residual.kind
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown residual kind '{kind}'; known kinds: {', '.join(_REGISTRY)}")
-    return _REGISTRY[kind](cfg)
+@dataclass
+class NoOptions(ConfigBase):
+    """A kind without options."""
 
 
 class ResidualStream(nn.Module):
-    """Base class. Subclasses implement init/read/write/finish and reset_parameters.
+    """Base class. Subclasses implement init/read_weighted/write/finish_weighted (and
+    reset_parameters when they own parameters), and declare what they are:
 
-    ``identity_at_init``: True when a freshly initialised stream makes the LM compute the
-    same logits as PreNorm with the same sublayer weights (tested for every kind that
-    claims it).
+    ``identity_at_init``: a fresh stream makes the LM compute PreNorm's logits with the same
+    sublayer weights (tested for every kind that claims it).
+    ``mixes_depth``: read() mixes sources over depth and returns their weights.
+    ``weights_sum_to_one``: those weights form a convex combination (softmax kinds); False for
+    free, possibly negative coefficients.
+    ``supports_recompute``: the kind has the ``recompute`` option (inputs recomputed in backward).
+    ``mixes_positions``: the residual reads other positions (a KV cache alone cannot decode it).
+    ``source_legend``: the naming scheme of ``source_names``, pattern -> meaning, for plots.
     """
 
-    kind: str = ""
-    identity_at_init: bool = True
-    mixes_depth: bool = False  # True when read() returns depth-mixing weights
-    weights_sum_to_one: bool = True  # mixing weights form a convex combination (softmax kinds)
+    kind: ClassVar[str] = ""  # set by register()
+    identity_at_init: ClassVar[bool] = True
+    mixes_depth: ClassVar[bool] = False
+    weights_sum_to_one: ClassVar[bool] = True
+    supports_recompute: ClassVar[bool] = False
+    mixes_positions: ClassVar[bool] = False
+    source_legend: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, cfg: "ModelConfig") -> None:
+    def __init__(self, options: Any, n_sublayers: int, d_model: int) -> None:
         super().__init__()
-        self.n_sublayers = cfg.n_sublayers
-        self.d_model = cfg.d_model
-        self.rcfg = cfg.residual
+        self.options = options  # the kind's ResidualConfig (kind + its options)
+        self.n_sublayers = n_sublayers
+        self.d_model = d_model
 
     def reset_parameters(self) -> None:
         pass
@@ -99,7 +104,7 @@ class ResidualStream(nn.Module):
 
     def input_hooks(self, state: State, l: int, x: Tensor) -> contextlib.AbstractContextManager:
         """Context the model runs sublayer l under, on x = read(state, l). Kinds that can
-        recompute x in backward (``residual.recompute``) return autograd saved-tensor hooks."""
+        recompute x in backward (``supports_recompute``) return autograd saved-tensor hooks."""
         return contextlib.nullcontext()
 
     def source_names(self, l: int) -> list[str]:
@@ -110,3 +115,84 @@ class ResidualStream(nn.Module):
 def stats_dtype(x: Tensor) -> torch.dtype:
     """float32 at least: softmax and RMS statistics never run in half precision."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A registered residual kind: its stream class, options class and float64 reference."""
+
+    name: str
+    stream: type[ResidualStream]
+    options: type
+    reference: Reference
+
+    @property
+    def summary(self) -> str:
+        """The first line of the stream's docstring (or of its module's)."""
+        import sys
+
+        doc = self.stream.__doc__ or sys.modules[self.stream.__module__].__doc__ or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def option_defaults(self) -> dict[str, Any]:
+        """The kind's options and their defaults, in declaration order."""
+        return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(self.options)}
+
+    def describe(self) -> dict[str, Any]:
+        """What the stream declares about itself, as plain data."""
+        s = self.stream
+        return {"identity_at_init": s.identity_at_init, "mixes_depth": s.mixes_depth,
+                "weights_sum_to_one": s.weights_sum_to_one, "supports_recompute": s.supports_recompute,
+                "mixes_positions": s.mixes_positions, "source_legend": dict(s.source_legend)}
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register(name: str, *, reference: Reference, options: type = NoOptions) -> Callable[[type], type]:
+    """Class decorator adding a ResidualStream subclass to the registry under ``name``, with its
+    options dataclass and its float64 reference."""
+
+    def deco(cls: type) -> type:
+        if name in _KINDS:
+            raise ValueError(f"residual kind '{name}' registered twice")
+        if not (isinstance(cls, type) and issubclass(cls, ResidualStream)):
+            raise TypeError(f"residual kind '{name}': {cls!r} is not a ResidualStream")
+        if not (dataclasses.is_dataclass(options) and issubclass(options, ConfigBase)):
+            raise TypeError(f"residual kind '{name}': options must be a ConfigBase dataclass, got {options!r}")
+        names = {f.name for f in dataclasses.fields(options)}
+        if "kind" in names:
+            raise TypeError(f"residual kind '{name}': 'kind' cannot be an option")
+        if cls.supports_recompute != ("recompute" in names):
+            raise TypeError(f"residual kind '{name}': supports_recompute must match a 'recompute' option")
+        cls.kind = name
+        _KINDS[name] = Kind(name, cls, options, reference)
+        return cls
+
+    return deco
+
+
+def available_kinds() -> list[str]:
+    return list(_KINDS)
+
+
+def get_kind(name: str) -> Kind:
+    """The registered kind ``name``; ConfigError naming the known kinds otherwise."""
+    if name not in _KINDS:
+        raise ConfigError(f"unknown residual kind '{name}'; known kinds: {', '.join(_KINDS)}")
+    return _KINDS[name]
+
+
+def describe(kind: str | None) -> dict[str, Any]:
+    """What ``kind`` declares about itself, as plain data (``Kind.describe``); {} for a kind not
+    registered here (e.g. named in a comparison written by another version)."""
+    return _KINDS[kind].describe() if kind in _KINDS else {}
+
+
+def build_residual(cfg: Any, n_sublayers: int, d_model: int) -> ResidualStream:
+    """The stream of ``cfg`` (a ResidualConfig) for ``n_sublayers`` sublayers of width ``d_model``."""
+    return get_kind(cfg.kind).stream(cfg, n_sublayers, d_model)

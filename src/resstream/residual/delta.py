@@ -17,7 +17,10 @@ so the readout along k_l moves a fraction beta_l of the way to its target:
 k^T x_{l+1} - v = (1 - beta)(k^T x_l - v) (up to eps_k). Only the direction of the sublayer
 output survives; its magnitude is discarded.
 
-Paper versus the authors' code (research/design-space.md 2.2, 2.7), and what we follow:
+Paper (arXiv:2601.00417: the operator in section 2.1, Eqs. 2.1-2.2; k, v and beta in
+section 3 and appendix A.1) versus the authors' code (github.com/yifanzhang-pro/deep-delta-learning,
+``model/DDL-vdim1-gpt-mha-rope.py``, class ``DeepDeltaResidualVdim1``, and its GPTConfig
+defaults), and what we follow:
 - beta and k: as in both (they agree): beta = 2 sigmoid(W_beta c + b_beta) with c the
   normalised sublayer input, k the sublayer output normalised with eps_k = 1e-5. The code
   reads beta from the sublayer's own PreNorm output; our sublayers own their norm, so the
@@ -27,7 +30,7 @@ Paper versus the authors' code (research/design-space.md 2.2, 2.7), and what we 
   the code: every reported number comes from it, and it is what makes the authors' init
   behave like a PreNorm start (below). A linear v of a small init would instead start each
   sublayer as a bare projection that erases the k-component and writes almost nothing.
-- init: the code initialises beta to 1 (``ddl_beta_init``, "for baseline comparability").
+- init: the code initialises beta to 1 (its ``ddl_beta_init``, "for baseline comparability").
   With v = 2, a sublayer then adds 2 y/|y| after erasing the (small) component of x along k:
   a PreNorm-like step with a normalised branch. Exact identity needs beta = 0, which
   beta = 2 sigmoid(.) reaches only as the logit goes to -inf, and near it the gate's gradient
@@ -47,10 +50,12 @@ run in float32 at least (as the authors do).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from resstream.config import ConfigBase, require
 from resstream.residual.base import ResidualStream, State, register, stats_dtype
 
 K_EPS = 1e-5    # eps_k of k = y / sqrt(|y|^2 + eps_k^2): the authors' ddl_k_eps
@@ -58,12 +63,49 @@ CTX_EPS = 1e-6  # epsilon of the parameter-free RMSNorm that feeds the gate (our
 V_SCALE = 4.0   # v = V_SCALE * sigmoid(.), the authors' ddl_v_sigmoid_scale
 
 
-@register("ddl")
+@dataclass
+class DDLOptions(ConfigBase):
+    """ddl_beta_init: the gate beta = 2 sigmoid(.) at init, in (0, 2): 1 is the authors' default
+    (projection regime); values near 0 start near the identity shortcut."""
+
+    ddl_beta_init: float = 1.0
+
+    def validate(self) -> None:
+        require(0.0 < self.ddl_beta_init < 2.0,
+                f"model.residual.ddl_beta_init: must be in (0, 2) (beta = 2 sigmoid(logit)), got {self.ddl_beta_init}")
+
+
+def ddl_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, list]:
+    """Float64 specification, d_v = 1 (Eq. 2.1 with the authors' v):
+    X_{l+1} = A_l X_l + beta_l k_l v_l, A_l = I - beta_l k_l k_l^T, k_l = y_l / sqrt(|y_l|^2 + 1e-10),
+    beta_l = 2 sigmoid(w_b . RMSNorm(X_l) + b_b) (norm eps 1e-6), v_l = 4 sigmoid(w_v . X_l + b_v).
+    The Delta operator is built as an explicit D x D matrix per token."""
+    f64 = torch.float64
+    x = emb.to(f64)
+    eye = torch.eye(x.shape[-1], dtype=f64)
+    for l, f in enumerate(sublayers):
+        y = f(x)
+        k = y / torch.sqrt((y * y).sum(-1, keepdim=True) + 1e-5 ** 2)
+        c = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+        beta = 2 * torch.sigmoid(c @ params["beta_weight"][l].to(f64) + params["beta_bias"][l].to(f64))
+        v = 4 * torch.sigmoid(x @ params["v_weight"][l].to(f64) + params["v_bias"][l].to(f64))
+        A = eye - beta[..., None, None] * k.unsqueeze(-1) * k.unsqueeze(-2)     # [B, T, D, D]
+        x = (A @ x.unsqueeze(-1)).squeeze(-1) + beta.unsqueeze(-1) * k * v.unsqueeze(-1)
+    return x, []
+
+
+@register("ddl", options=DDLOptions, reference=ddl_reference)
 class DeepDelta(ResidualStream):
+    """Deep Delta Learning (Zhang et al., 2026): a gated rank-1 erase-and-write shortcut.
+
+    State: ``h``, the running hidden state [B, T, D]; the delta rule reads only the token's
+    own h and sublayer output.
+    """
+
     identity_at_init = False  # see the module docstring: no gate init reproduces PreNorm
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, options: DDLOptions, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)
         L, D = self.n_sublayers, self.d_model
         self.beta_weight = nn.Parameter(torch.zeros(L, D))
         self.beta_bias = nn.Parameter(torch.zeros(L))
@@ -72,7 +114,7 @@ class DeepDelta(ResidualStream):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        p = self.rcfg.ddl_beta_init / 2.0  # beta = 2 sigmoid(b)  =>  b = logit(beta0 / 2)
+        p = self.options.ddl_beta_init / 2.0  # beta = 2 sigmoid(b)  =>  b = logit(beta0 / 2)
         with torch.no_grad():
             self.beta_weight.zero_()
             self.beta_bias.fill_(math.log(p) - math.log1p(-p))

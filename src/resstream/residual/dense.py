@@ -38,14 +38,49 @@ from torch import Tensor, nn
 from resstream.residual.base import ResidualStream, State, register
 
 
-@register("denseformer")
+def denseformer_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, list]:
+    """Float64 specification (paper section 3): X_0 = emb, X_i = B_i(Y_{i-1}) with B_i a
+    PreNorm block (attention then MLP), Y_i = sum_{j=0..i} a_ij X_j (a_i = ``dwa.{i-1}``),
+    output Y_n. Weights: attention of block i reads Y_{i-1} = [a_{i-1}] over [X_0..X_{i-1}]
+    (Y_0 = X_0: weight [1]); its MLP reads Y_{i-1} + attn, i.e. [a_{i-1}, 1]; final: a_n."""
+    B, T, _ = emb.shape
+    f64 = torch.float64
+
+    def per_token(a: Tensor) -> Tensor:
+        return a.reshape(1, 1, -1).repeat(B, T, 1)
+
+    X = [emb.to(f64)]
+    Y = X[0]
+    a_prev = torch.ones(1, dtype=f64)
+    weights = []
+    for i in range(1, len(sublayers) // 2 + 1):
+        attn, mlp = sublayers[2 * i - 2], sublayers[2 * i - 1]
+        weights.append(per_token(a_prev))
+        U = Y + attn(Y)
+        weights.append(per_token(torch.cat([a_prev, torch.ones(1, dtype=f64)])))
+        X.append(U + mlp(U))
+        a = params[f"dwa.{i - 1}"].to(f64)
+        Y = sum(a[j] * X[j] for j in range(i + 1))
+        a_prev = a
+    return Y, weights + [per_token(a_prev)]
+
+
+@register("denseformer", reference=denseformer_reference)
 class DenseFormer(ResidualStream):
+    """DenseFormer (Pagliardini et al., NeurIPS 2024): a depth-weighted average after every block.
+
+    State: ``h`` the running hidden state [B, T, D] and ``blocks``, the token's block outputs
+    X_0 = emb, X_1, ... that the depth-weighted averages read.
+    """
+
     identity_at_init = True
     mixes_depth = True
     weights_sum_to_one = False  # DWA weights are free scalars, not a softmax
+    source_legend = {"emb": "token embedding", "X{j}": "output of layer j",
+                     "f{i}": "output of sublayer i (the attention output its MLP also reads)"}
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, options, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)
         self.n_blocks = self.n_sublayers // 2
         self.dwa = nn.ParameterList([nn.Parameter(torch.zeros(i + 2)) for i in range(self.n_blocks)])
         self.reset_parameters()

@@ -38,14 +38,34 @@ from torch import Tensor, nn
 from resstream.residual.base import ResidualStream, State, register
 
 
-@register("rezero")
+def rezero_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, list]:
+    """Float64 specification (Bachlechner et al. 2020): h_{l+1} = h_l + alpha_l f_l(h_l)."""
+    h = emb.to(torch.float64)
+    for l, f in enumerate(sublayers):
+        h = h + params["alpha"].to(torch.float64)[l] * f(h)
+    return h, []
+
+
+def scaled_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, list]:
+    """Float64 specification (Dherin & Munn 2025): h_{l+1} = h_l + f_l(h_l) / sqrt(L)."""
+    lam = 1.0 / len(sublayers) ** 0.5
+    h = emb.to(torch.float64)
+    for f in sublayers:
+        h = h + lam * f(h)
+    return h, []
+
+
+@register("rezero", reference=rezero_reference)
 class ReZero(ResidualStream):
-    """h_{l+1} = h_l + alpha_l f_l(h_l), alpha = 0 at init."""
+    """ReZero: h_{l+1} = h_l + alpha_l f_l(h_l), alpha = 0 at init.
+
+    State: ``h``, the running hidden state [B, T, D].
+    """
 
     identity_at_init = False  # at init the LM is the embedding-only model, not PreNorm
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, options, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)
         self.alpha = nn.Parameter(torch.zeros(self.n_sublayers))
         self.reset_parameters()
 
@@ -66,14 +86,17 @@ class ReZero(ResidualStream):
         return state["h"], None
 
 
-@register("scaled")
+@register("scaled", reference=scaled_reference)
 class Scaled(ResidualStream):
-    """h_{l+1} = h_l + f_l(h_l) / sqrt(L); no parameters."""
+    """Scaled residual branches: h_{l+1} = h_l + f_l(h_l) / sqrt(L); no parameters.
+
+    State: ``h``, the running hidden state [B, T, D].
+    """
 
     identity_at_init = False
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, options, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)
         self.scale = 1.0 / math.sqrt(self.n_sublayers)  # a Python float: nothing to train or save
 
     def init(self, emb: Tensor) -> State:

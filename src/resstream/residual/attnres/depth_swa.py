@@ -15,9 +15,11 @@ sublayer outputs (W = ``residual.window``); older outputs are dropped from the s
         x_l     = sum_i alpha_i v_i  ──►  f_l(x_l)
 
 The final mixture (query row L) sees the embedding and f_{L-W}..f_{L-1}. Queries, key-norm
-weights and the mixing helpers are those of Full AttnRes (``residual.queries`` [L+1, D], zero
-init; ``residual.key_norm_weight`` [L+1, D], init 1), so with W >= L this kind is exactly
-Full AttnRes, and a Full AttnRes checkpoint loads into it.
+weights and the mixing path are those of Full AttnRes (``residual.queries`` [L+1, D], zero
+init; ``residual.key_norm_weight`` [L+1, D], init 1; full.py's ``SourceHistory`` with a
+window: each output's logits against the W queries that read it come from one matmul when it
+is written), so with W >= L this kind is exactly Full AttnRes, and a Full AttnRes checkpoint
+loads into it.
 
 Choices where the note is silent or differs: the note's depth attention reads hidden states
 with learned Q/K/V projections and a window that eventually drops h^(0); we keep AttnRes's
@@ -31,41 +33,36 @@ Full AttnRes).
 """
 from __future__ import annotations
 
-from torch import Tensor
+from dataclasses import dataclass
 
-from resstream.residual.attnres import PseudoQueries, mix_sources, source_rstd
-from resstream.residual.base import State, register
+from resstream.config import require
+from resstream.residual.attnres.full import SourceHistory
+from resstream.residual.attnres.queries import PseudoQueryOptions
+from resstream.residual.attnres.reference import depth_swa_reference
+from resstream.residual.base import register
 
 
-@register("depth_swa")
-class DepthSWA(PseudoQueries):
+@dataclass
+class DepthSWAOptions(PseudoQueryOptions):
+    """depth_swa: window W, the sublayer outputs visible besides the embedding; and the key norm."""
+
+    window: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.window >= 1, f"model.residual.window: must be >= 1, got {self.window}")
+
+
+@register("depth_swa", options=DepthSWAOptions, reference=depth_swa_reference)
+class DepthSWA(SourceHistory):
+    """AttnRes over a causal sliding window of depth (W = ``residual.window``).
+
+    State (see SourceHistory): the embedding and the token's last W sublayer outputs with
+    their logits against the queries that still read them.
+    """
+
     identity_at_init = False  # True only when W >= L; see the module docstring
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)  # zero queries: uniform weights over the window at init
-        self.W = self.rcfg.window
-
-    def init(self, emb: Tensor) -> State:
-        # The key-norm weight folds into the query: w · (g ⊙ k̂) = (w ⊙ g) · k̂.
-        q = self.effective_queries()
-        return {"emb": emb, "emb_rstd": source_rstd(emb, self.eps), "window": (), "rstd": (), "q": q}
-
-    def _mix(self, state: State, row: int) -> tuple[Tensor, Tensor]:
-        values = [state["emb"], *state["window"]]
-        rstds = [state["emb_rstd"], *state["rstd"]]
-        return mix_sources(values, rstds, state["q"][row])
-
-    def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
-        return self._mix(state, l)
-
-    def write(self, state: State, l: int, y: Tensor) -> State:
-        # Each output's RMS statistic is computed once and slides out of the window with it.
-        window = (state["window"] + (y,))[-self.W :]
-        rstd = (state["rstd"] + (source_rstd(y, self.eps),))[-self.W :]
-        return {**state, "window": window, "rstd": rstd}
-
-    def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
-        return self._mix(state, self.n_sublayers)
-
-    def source_names(self, l: int) -> list[str]:
-        return ["emb"] + [f"f{i}" for i in range(max(0, l - self.W), l)]
+    def __init__(self, options: DepthSWAOptions, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)  # zero queries: uniform weights over the window at init
+        self.window = options.window

@@ -1,16 +1,18 @@
-"""AttnRes fast paths: each autograd kernel by gradcheck, whole models (both recompute settings,
-short last blocks, deeper stacks) against the float64 reference, forward and every gradient,
-and what the fast paths save for backward."""
+"""Attention Residuals (Full and Block) fast paths: each autograd kernel by gradcheck, whole models
+(both recompute settings, short last blocks, deeper stacks) against the float64 reference,
+forward and every gradient, what the fast paths save for backward, and the pseudo-queries."""
 from __future__ import annotations
-
 
 import pytest
 import torch
 
-from helpers import assert_matches_reference, randomize_residual, reference_logits, rel_err, tiny_cfg
+from helpers import KIND_CASES, assert_matches_reference, case_id, randomize_residual, rel_err, tiny_cfg
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
-from resstream.residual import attnres as A
-from resstream.residual.reference import _attend
+from resstream.residual.attnres import kernels as K
+from resstream.residual.attnres import phases as P
+from resstream.residual.attnres.reference import attend
+
+ATTNRES = [c for c in KIND_CASES if c[0] in ("attnres", "block_attnres")]
 
 F64 = torch.float64
 
@@ -26,23 +28,23 @@ def _rand(*shape, grad=True):
 
 def test_normed_logits_gradcheck_and_value():
     v, Q = _rand(2, 3, 8), _rand(5, 8)
-    assert torch.autograd.gradcheck(lambda v, Q: A._NormedLogits.apply(v, Q, 1e-6), (v, Q))
+    assert torch.autograd.gradcheck(lambda v, Q: K.NormedLogits.apply(v, Q, 1e-6), (v, Q))
     expected = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)) @ Q.t()
-    assert rel_err(A._NormedLogits.apply(v, Q, 1e-6), expected) < 1e-13
+    assert rel_err(K.NormedLogits.apply(v, Q, 1e-6), expected) < 1e-13
 
 
 def test_weighted_sum_gradcheck():
     alpha, vs = _rand(2, 3, 4), [_rand(2, 3, 8) for _ in range(4)]
-    assert torch.autograd.gradcheck(lambda a, *v: A._WeightedSum.apply(a, *v), (alpha, *vs))
+    assert torch.autograd.gradcheck(lambda a, *v: K.WeightedSum.apply(a, *v), (alpha, *vs))
 
 
 def test_phase1_gradcheck():
     alpha, blocks = _rand(2, 3, 4, 5), [_rand(2, 3, 6) for _ in range(5)]
-    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, None, *b), (alpha, *blocks))
+    assert torch.autograd.gradcheck(lambda a, *b: P.Phase1.apply(a, None, *b), (alpha, *blocks))
     # outputs nobody reads (the last block may be short) get no gradient, the rest stay exact
-    assert torch.autograd.gradcheck(lambda a, *b: A._Phase1.apply(a, None, *b)[1] * 2, (alpha, *blocks))
+    assert torch.autograd.gradcheck(lambda a, *b: P.Phase1.apply(a, None, *b)[1] * 2, (alpha, *blocks))
     ref = torch.einsum("btsj,jbtd->btsd", alpha, torch.stack(blocks))
-    assert rel_err(torch.stack(A._Phase1.apply(alpha, None, *blocks), -2), ref) < 1e-13
+    assert rel_err(torch.stack(P.Phase1.apply(alpha, None, *blocks), -2), ref) < 1e-13
 
 
 def test_gradient_sums_by_source():
@@ -52,11 +54,11 @@ def test_gradient_sums_by_source():
     vs = [_rand(2, 3, 8) for _ in range(3)]
 
     def f(a1, a2, a3, v0, v1, v2):
-        sums = A._GradSums()
-        s0, s1, s2 = (A._Source.apply(v, sums, i) for i, v in enumerate((v0, v1, v2)))
-        h1 = A._ReadFull.apply(a1, sums, s0, s1)
-        h2 = A._ReadFull.apply(a2, sums, s0, s1, s2)
-        o1, o2 = A._Phase1.apply(a3, sums, s0, s1, s2)
+        sums = K.GradSums()
+        s0, s1, s2 = (K.Source.apply(v, sums, i) for i, v in enumerate((v0, v1, v2)))
+        h1 = K.ReadAll.apply(a1, sums, None, s0, s1)
+        h2 = K.ReadAll.apply(a2, sums, None, s0, s1, s2)
+        o1, o2 = P.Phase1.apply(a3, sums, s0, s1, s2)
         return h1 * h2 + o1 - o2.square() + s2 * 3  # a source also used directly
 
     assert torch.autograd.gradcheck(f, (alpha1, alpha2, A2, *vs))
@@ -67,29 +69,41 @@ def test_phase2_gradcheck_and_online_softmax_identity(recompute):
     """x = o + sigmoid(s - lse) (p - o) equals the joint softmax over [phase-1 sources, p]."""
     blocks = [_rand(2, 3, 8, grad=False) for _ in range(3)]
     w = _rand(8, grad=False)
-    logits = torch.stack([A.source_logit(b, A.source_rstd(b, 1e-6), w) for b in blocks], -1)
+    logits = torch.stack([K.source_logit(b, K.source_rstd(b, 1e-6), w) for b in blocks], -1)
     lse1 = torch.logsumexp(logits, -1)
     a_row = torch.softmax(logits, -1)
-    o1 = A.weighted_sum(a_row, blocks)
+    o1 = K.weighted_sum(a_row, blocks)
     p = _rand(2, 3, 8)
     extra = (a_row, *blocks) if recompute else (None,)
 
     def f(o, p, q, lse):
-        return A._Phase2.apply(o, p, q, lse, 1e-6, recompute, *extra)
+        return P.Phase2.apply(o, p, q, lse, 1e-6, recompute, *extra)
 
     # with recompute the backward rebuilds o from (a_row, blocks), so o must be that mixture
     assert torch.autograd.gradcheck(f, (o1.clone().requires_grad_(), p, w.clone().requires_grad_(), lse1.clone().requires_grad_()))
-    x_ref, _ = _attend(blocks + [p.detach()], w, None, 1e-6)
+    x_ref, _ = attend(blocks + [p.detach()], w, None, 1e-6)
     assert rel_err(f(o1, p.detach(), w, lse1), x_ref) < 1e-13
 
 
-def test_public_helpers_keep_their_meaning():
-    """mix_sources / source_rstd / source_logit are imported by other kinds."""
+def test_shared_mixture_helpers_keep_their_meaning():
+    """softmax_mixture (every read of Full and depth_swa, Block's final mixture), source_rstd and
+    source_logit are shared by the family: a softmax over q · RMSNorm(v_i), applied to raw v_i."""
     vs = [_rand(2, 3, 8, grad=False) for _ in range(3)]
     q = _rand(8, grad=False)
-    h, alpha = A.mix_sources(vs, [A.source_rstd(v, 1e-6) for v in vs], q)
-    h_ref, alpha_ref = _attend(vs, q, None, 1e-6)
+    h, alpha = K.softmax_mixture([K.source_logit(v, K.source_rstd(v, 1e-6), q) for v in vs], tuple(vs), None)
+    h_ref, alpha_ref = attend(vs, q, None, 1e-6)
     assert rel_err(h, h_ref) < 1e-13 and rel_err(alpha, alpha_ref) < 1e-13
+    # with gradient sums (ReadAll, Source) the mixture and every gradient are the same
+    vg = [v.clone().requires_grad_() for v in vs]
+    sums = K.GradSums()
+    srcs = tuple(K.as_source(v, sums, i) for i, v in enumerate(vg))
+    h2, _ = K.softmax_mixture([K.source_logit(v, K.source_rstd(v, 1e-6), q) for v in srcs], srcs, sums, (0, 1, 2))
+    assert rel_err(h2, h_ref) < 1e-13
+    R = torch.randn_like(h2)
+    g = torch.autograd.grad((h2 * R).sum(), vg)
+    vr = [v.clone().requires_grad_() for v in vs]
+    g_ref = torch.autograd.grad((attend(vr, q, None, 1e-6)[0] * R).sum(), vr)
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(g, g_ref))
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -134,18 +148,37 @@ def test_recompute_gives_equal_gradients(kind, opts):
         assert torch.equal(a, b)
 
 
-def test_bfloat16_stays_close_to_the_reference():
-    model = LM(tiny_cfg("block_attnres", n_layers=3, block_size=2))
-    randomize_residual(model)
-    idx = torch.randint(0, 61, (2, 9))
-    _, ref, _ = reference_logits(model, idx)
-    assert rel_err(model.to(torch.bfloat16)(idx), ref) < 3e-2
-
-
 def test_recompute_rejected_for_kinds_without_it():
     with pytest.raises(ConfigError, match="recompute"):
         ResidualConfig(kind="prenorm", recompute=True)
     assert ResidualConfig(kind="block_attnres", recompute=True).recompute
+
+
+# ----------------------------------------------------------------------------- pseudo-queries
+
+
+@pytest.mark.parametrize("kind,opts", ATTNRES, ids=[case_id(c) for c in ATTNRES])
+def test_every_attnres_query_row_matters(kind, opts):
+    model = LM(tiny_cfg(kind, **opts)).double()
+    randomize_residual(model)
+    idx = torch.randint(0, 61, (2, 9))
+    model(idx, idx)[1].backward()
+    # Row 0 drives sublayer 0, whose only source is the embedding: a softmax over one
+    # source is constant, so that row cannot matter. Every other row must.
+    for name, p in model.residual.named_parameters():
+        for row in range(1, model.cfg.n_sublayers + 1):
+            assert p.grad[row].abs().sum() > 0, f"{name}[{row}]"
+
+
+def test_zero_query_init_is_uniform_and_key_norm_gets_no_gradient():
+    model = LM(tiny_cfg("attnres")).double()
+    idx = torch.randint(0, 61, (2, 6))
+    _, loss, mixing = model(idx, idx, return_mixing=True)
+    for w in mixing:
+        assert torch.allclose(w, torch.full_like(w, 1.0 / w.shape[-1]))
+    loss.backward()
+    assert model.residual.queries.grad.abs().sum() > 0
+    assert model.residual.key_norm_weight.grad.abs().sum() == 0  # w = 0: g cannot move yet
 
 
 # ----------------------------------------------------------------------------- saved activations

@@ -1,0 +1,13 @@
+"""The Attention Residuals family: sublayers read a softmax mixture of earlier sources with a
+pseudo-query of their own (Kimi Team, "Attention Residuals", arXiv:2603.15031).
+
+    queries.py    PseudoQueries: the pseudo-query and key-norm parameters every member shares
+    kernels.py    autograd kernels: logit caches, weighted sums, gradient sums
+    phases.py     Block's two-phase kernels (phase 1 over completed blocks, phase-2 merge)
+    recompute.py  the ``recompute`` option: sublayer inputs recomputed in backward
+    full.py       attnres: every earlier output is a source
+    block.py      block_attnres: block sums are the sources
+    depth_swa.py  depth_swa: a sliding window over depth
+    reference.py  the float64 references of all three
+"""
+from resstream.residual.attnres import block, depth_swa, full  # noqa: F401  (register the kinds)

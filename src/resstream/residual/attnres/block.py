@@ -1,0 +1,146 @@
+"""Block Attention Residuals (Kimi Team, "Attention Residuals", arXiv:2603.15031, section 3.2).
+
+With S sublayers per block (``block_size``), the sources of sublayer l are b_0 = emb, the
+completed block sums b_1..b_n (b_n = sum of the S outputs of block n), and, unless l opens
+its block, the running partial sum of its own block::
+
+    block 1 (S sublayers)     block 2               sublayer l in block n+1
+    f_0 + ... + f_{S-1} = b_1  f_S + ... = b_2  ...  sources: [b_0, b_1, .., b_n, partial]
+
+Each source is read with the shared pseudo-queries (queries.py). The embedding appears once
+(b_0), never inside block 1's sum; S = 1 is exactly Full AttnRes. A final mixture with its own
+query (row L) sees b_0 and every block, the last possibly partial.
+
+Fast path: the paper's two-phase schedule (Algorithm 1, kernels in phases.py). Phase 1, when
+a block opens, mixes the completed blocks for all S queries of the block at once; phase 2
+merges the running partial sum per sublayer, elementwise, with the online-softmax identity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from resstream.config import require
+from resstream.residual.attnres.full import FullOptions
+from resstream.residual.attnres.kernels import (as_source, mix_values, normed_logit_columns, softmax_mixture,
+                                                source_logit, source_rstd)
+from resstream.residual.attnres.phases import Phase1, Phase2, merge
+from resstream.residual.attnres.queries import PseudoQueries
+from resstream.residual.attnres.recompute import RecomputesInput
+from resstream.residual.attnres.reference import block_attnres_reference
+from resstream.residual.base import State, register
+
+
+@dataclass
+class BlockOptions(FullOptions):
+    """Block AttnRes: block_size S sublayers per block (S = 1 is Full AttnRes), and Full's options."""
+
+    block_size: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.block_size >= 1, f"model.residual.block_size: must be >= 1 (sublayers per block), got {self.block_size}")
+
+
+@register("block_attnres", options=BlockOptions, reference=block_attnres_reference)
+class BlockAttnRes(RecomputesInput, PseudoQueries):
+    """Block Attention Residuals with S = ``residual.block_size`` sublayers per block.
+
+    State: ``blocks`` (b_0 = emb and the completed block sums) with their logit columns
+    ``logits`` (block j, written when sublayer j*S opens, against rows j*S..L), ``partial``
+    (running sum of the open block), and ``phase1``: (outputs o_s, lse [B,T,S'], weights
+    [B,T,S',n]) for every query of the open block, computed once when the block opened.
+    """
+
+    source_legend = {"emb": "token embedding", "B{j}": "sum of block j", "partial": "running sum of the open block"}
+
+    def __init__(self, options: BlockOptions, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)
+        self.S = options.block_size
+
+    def init(self, emb: Tensor) -> State:
+        q, sums, emb, cols = self.open_sources(emb)
+        state = {"blocks": (emb,), "logits": (cols,), "partial": None, "q": q, "sums": sums}
+        return {**state, "phase1": self._phase1(state, 0)}
+
+    def _phase1(self, state: State, l0: int) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
+        """Phase 1 for the block opening at sublayer l0: all its queries over the completed blocks."""
+        n_q = min(self.S, self.n_sublayers - l0)
+        blocks = state["blocks"]
+        # z[b, t, s, j] = logit of block j for query l0 + s; block j's columns start at row j*S
+        z = torch.stack(
+            [torch.stack([cols[l0 + s - j * self.S] for j, cols in enumerate(state["logits"])], dim=-1) for s in range(n_q)],
+            dim=-2,
+        )
+        lse = torch.logsumexp(z, dim=-1)  # [B, T, S']
+        alpha = torch.exp(z - lse.unsqueeze(-1))  # [B, T, S', n]
+        if len(blocks) == 1:  # first block: the embedding is the only completed source
+            return (blocks[0],) * n_q, lse, alpha
+        return Phase1.apply(alpha, state["sums"], *blocks), lse, alpha
+
+    def read(self, state: State, l: int) -> Tensor:
+        # not read_weighted()[0]: the joint weights of phase 2 cost passes that training never uses
+        i = l % self.S
+        o, lse, alpha = state["phase1"]
+        if i == 0:  # first sublayer of a block: completed blocks only
+            return o[0]
+        # Phase 2: merge the partial sum into the phase-1 softmax (online-softmax identity).
+        p, q = state["partial"], state["q"][l]
+        # with recompute, phase 2 keeps phase 1's weights row and the blocks instead of x
+        recompute = self.options.recompute
+        extra = (alpha[..., i, :], *state["blocks"]) if recompute else (None,)
+        return Phase2.apply(o[i], p, q, lse[..., i], self.eps, recompute, *extra)
+
+    def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
+        i = l % self.S
+        _, lse, alpha = state["phase1"]
+        if i == 0:
+            return self.read(state, l), alpha[..., 0, :]
+        p, q = state["partial"], state["q"][l]
+        return self.read(state, l), self._phase2_weights(p, q, lse[..., i], alpha[..., i, :])
+
+    def _phase2_weights(self, p: Tensor, q: Tensor, lse: Tensor, alpha: Tensor) -> Tensor:
+        """The joint softmax weights [completed blocks..., partial] (diagnostics; the mixture
+        itself never forms them)."""
+        gate = torch.sigmoid(source_logit(p, source_rstd(p, self.eps), q) - lse).unsqueeze(-1)
+        return torch.cat([alpha * (1 - gate), gate], dim=-1)
+
+    def write(self, state: State, l: int, y: Tensor) -> State:
+        i = l % self.S
+        partial = y if i == 0 else state["partial"] + y
+        if i < self.S - 1 and l < self.n_sublayers - 1:
+            return {**state, "partial": partial}
+        # The block is complete: it becomes a source for rows l+1..L, and phase 1 runs for the next block.
+        partial = as_source(partial, state["sums"], len(state["blocks"]))
+        cols = normed_logit_columns(partial, state["q"][l + 1 :], self.eps)
+        state = {**state, "blocks": state["blocks"] + (partial,), "logits": state["logits"] + (cols,),
+                 "partial": None, "phase1": None}
+        if l + 1 < self.n_sublayers:
+            state["phase1"] = self._phase1(state, l + 1)
+        return state
+
+    def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
+        L = self.n_sublayers  # block j's columns start at row min(j*S, L): the last may be short
+        z = [cols[L - min(j * self.S, L)] for j, cols in enumerate(state["logits"])]
+        return softmax_mixture(z, state["blocks"], state["sums"])
+
+    def _is_source(self, state: State, x: Tensor) -> bool:
+        return any(x is b for b in state["blocks"])
+
+    def _input_recipe(self, state: State, l: int) -> Callable[[], Tensor]:
+        i, blocks = l % self.S, state["blocks"]
+        _, lse, alpha = state["phase1"]
+        a = alpha[..., i, :].detach()  # small; the phase-1 outputs themselves are not kept
+        if i == 0:
+            return lambda: mix_values(a.to(blocks[0].dtype), blocks)
+        p, q, lse_i = state["partial"], state["q"][l].detach(), lse[..., i].detach()
+        return lambda: merge(mix_values(a.to(p.dtype), blocks), p, q, lse_i, self.eps)[0]
+
+    def source_names(self, l: int) -> list[str]:
+        if l >= self.n_sublayers:
+            return ["emb"] + [f"B{j + 1}" for j in range(-(-self.n_sublayers // self.S))]
+        names = ["emb"] + [f"B{j + 1}" for j in range(l // self.S)]
+        return names + ["partial"] if l % self.S else names

@@ -1,0 +1,102 @@
+"""Full Attention Residuals (Kimi Team, "Attention Residuals", arXiv:2603.15031).
+
+Each sublayer l attends over the embedding and every earlier raw output with its own
+pseudo-query w_l (one d-vector, no projections, no temperature; see queries.py)::
+
+    v_0 = emb   v_1 = f_0   v_2 = f_1   ...   v_l = f_{l-1}
+      │           │           │                 │
+      └───────────┴─────┬─────┴─────────────────┘
+                        ▼
+        alpha_i = softmax_i( w_l · RMSNorm_{g_l}(v_i) )     (keys normalised, values raw)
+        x_l     = sum_i alpha_i v_i   ──►  f_l(x_l) = Sublayer_l(PreNorm_l(x_l))
+
+A final mixture with its own query (row L) over every source feeds the final norm. All
+queries start at zero, so every mixture starts as the mean of its sources; because each
+sublayer and the head begin with a scale-invariant RMSNorm, the model then computes the
+same logits as PreNorm (up to the norm epsilon).
+
+Fast path (kernels.py): each source's logits against every later query are computed once,
+when it is written; a read gathers its column of each cache, takes a softmax and one
+weighted sum; each source's gradient is summed once (gradient sums). ``SourceHistory`` is
+that mechanism, shared with depth_swa (a window over the same history).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from resstream.residual.attnres.kernels import as_source, mix_values, normed_logit_columns, softmax_mixture
+from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
+from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
+from resstream.residual.attnres.reference import attnres_reference
+from resstream.residual.base import State, register
+
+
+class SourceHistory(PseudoQueries):
+    """Sources v_0 = emb, v_1 = f_0, ... with their logit caches; ``window`` W keeps only the
+    last W outputs besides the embedding (None: all of them).
+
+    State: ``values`` the kept sources, ``ids`` their indices i (v_i; source i is read by rows
+    i.. onwards, so its cache column for row r is r - i), ``logits`` each source's columns
+    against the rows that read it, ``q`` the effective queries, ``sums`` the gradient sums.
+    """
+
+    window: int | None = None
+
+    def init(self, emb: Tensor) -> State:
+        q, sums, emb, cols = self.open_sources(emb)
+        return {"values": (emb,), "ids": (0,), "logits": (cols,), "q": q, "sums": sums}
+
+    def _read_row(self, state: State, row: int) -> tuple[Tensor, Tensor]:
+        """The mixture read by query ``row`` (L: the final mixture) and its weights."""
+        z = [cols[row - i] for i, cols in zip(state["ids"], state["logits"])]
+        ids = None if self.window is None else state["ids"]  # None: ids are positions
+        return softmax_mixture(z, state["values"], state["sums"], ids)
+
+    def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
+        return self._read_row(state, l)
+
+    def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
+        return self._read_row(state, self.n_sublayers)
+
+    def write(self, state: State, l: int, y: Tensor) -> State:
+        y = as_source(y, state["sums"], l + 1)
+        last = self.n_sublayers if self.window is None else min(l + self.window, self.n_sublayers)
+        cols = normed_logit_columns(y, state["q"][l + 1 : last + 1], self.eps)  # readers l+1..last
+        values, ids, logits = state["values"] + (y,), state["ids"] + (l + 1,), state["logits"] + (cols,)
+        if self.window is not None and len(values) > self.window + 1:  # the oldest output leaves
+            values, ids, logits = values[:1] + values[2:], ids[:1] + ids[2:], logits[:1] + logits[2:]
+        return {**state, "values": values, "ids": ids, "logits": logits}
+
+    def source_names(self, l: int) -> list[str]:
+        first = 0 if self.window is None else max(0, l - self.window)
+        return ["emb"] + [f"f{i}" for i in range(first, l)]
+
+
+@dataclass
+class FullOptions(RecomputeOption, PseudoQueryOptions):
+    """Full AttnRes: the key norm (key_norm_eps, key_norm_learnable) and ``recompute``."""
+
+
+@register("attnres", options=FullOptions, reference=attnres_reference)
+class FullAttnRes(RecomputesInput, SourceHistory):
+    """Full Attention Residuals: sublayer l mixes the embedding and all l earlier outputs.
+
+    State (see SourceHistory): the token's history v_0 = emb, v_1 = f_0, ... with each
+    source's logits against the later queries, computed once when it is written.
+    """
+
+    def _is_source(self, state: State, x: Tensor) -> bool:
+        return any(x is v for v in state["values"])
+
+    def _input_recipe(self, state: State, l: int) -> Callable[[], Tensor]:
+        values = state["values"]
+        cols = [c[l - i].detach() for i, c in enumerate(state["logits"])]  # views of kept caches
+
+        def recompute() -> Tensor:  # the forward's ops on the same inputs: bitwise the same
+            return mix_values(torch.softmax(torch.stack(cols, dim=-1), dim=-1).to(values[0].dtype), values)
+
+        return recompute

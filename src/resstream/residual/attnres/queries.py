@@ -1,0 +1,72 @@
+"""The pseudo-queries and key norms shared by every AttnRes-style kind (Full, Block, depth_swa).
+
+One pseudo-query w_l in R^D per sublayer plus one for the final mixture (row L), stored
+stacked as ``residual.queries`` [L+1, D], zero init; the keys (the sources) are RMS-normalised
+with a learnable weight per query, ``residual.key_norm_weight`` [L+1, D], init 1 (absent when
+``key_norm_learnable=False``). Row l reads its sources with
+    alpha_i = softmax_i( w_l · RMSNorm_{g_l}(v_i) ),   x_l = sum_i alpha_i v_i
+(keys normalised, values raw, no temperature). The key-norm weight folds into the query
+exactly: w · (g ⊙ k̂) = (w ⊙ g) · k̂, so the fast paths normalise each source once.
+Zero queries give uniform weights at init (paper, section 5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from resstream.config import ConfigBase, require
+from resstream.residual.attnres.kernels import GradSums, as_source, new_grad_sums, normed_logit_columns
+from resstream.residual.base import ResidualStream
+
+
+@dataclass
+class PseudoQueryOptions(ConfigBase):
+    """key_norm_eps / key_norm_learnable: the RMSNorm applied to the keys (the sources) before
+    the pseudo-queries read them; learnable: a weight per query (``residual.key_norm_weight``)."""
+
+    key_norm_eps: float = 1e-6
+    key_norm_learnable: bool = True
+
+    def validate(self) -> None:
+        require(self.key_norm_eps > 0, f"model.residual.key_norm_eps: must be > 0, got {self.key_norm_eps}")
+
+
+class PseudoQueries(ResidualStream):
+    """The parameters of every AttnRes-style kind, and their first source, the embedding."""
+
+    mixes_depth = True
+    source_legend = {"emb": "token embedding", "f{i}": "output of sublayer i"}
+
+    def __init__(self, options: PseudoQueryOptions, n_sublayers: int, d_model: int) -> None:
+        super().__init__(options, n_sublayers, d_model)
+        rows = n_sublayers + 1  # one per sublayer, one for the final mixture
+        self.eps = options.key_norm_eps
+        self.queries = nn.Parameter(torch.zeros(rows, d_model))
+        if options.key_norm_learnable:
+            self.key_norm_weight = nn.Parameter(torch.ones(rows, d_model))
+        else:
+            self.register_parameter("key_norm_weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Zero queries are essential: uniform weights at init (paper, section 5).
+        with torch.no_grad():
+            self.queries.zero_()
+            if self.key_norm_weight is not None:
+                self.key_norm_weight.fill_(1.0)
+
+    def effective_queries(self) -> Tensor:
+        """w_l ⊙ g_l for every row: [L+1, D]."""
+        if self.key_norm_weight is None:
+            return self.queries
+        return self.queries * self.key_norm_weight
+
+    def open_sources(self, emb: Tensor) -> tuple[Tensor, GradSums | None, Tensor, tuple[Tensor, ...]]:
+        """Start a forward: (effective queries, gradient sums or None, the embedding as source 0,
+        its logit columns against every row)."""
+        q = self.effective_queries()
+        sums = new_grad_sums()
+        emb = as_source(emb, sums, 0)
+        return q, sums, emb, normed_logit_columns(emb, q, self.eps)
