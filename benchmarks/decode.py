@@ -6,7 +6,10 @@ gets the same non-residual weights and runs in this one process, interleaved kin
 each round, after a warm-up round; medians over rounds (prefill) and over every step of every
 round (decode). Eager PyTorch, no compilation.
 
-    python benchmarks/decode.py --residuals prenorm,attnres,block_attnres --layers 8 --d-model 256
+    python benchmarks/decode.py --residuals prenorm,attnres,block_attnres:block_size=4 --layers 8 --d-model 256
+
+Residuals are specs ``kind[:option=value,option=value]`` (the grammar of ``resstream compare``);
+``--block-size`` applies to every kind with a block_size option that does not set its own.
 """
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from resstream import LM, ModelConfig, ResidualConfig
 from resstream.model.generate import DecodeCache, prefill
+from resstream.residual import get_kind, parse_specs
 
 
-def build(kind: str, args, base_state: dict | None) -> LM:
-    res = {"kind": kind}
-    if kind == "block_attnres":
-        res["block_size"] = args.block_size
+def build(residual: dict, args, base_state: dict | None) -> LM:
+    res = dict(residual)
+    if "block_size" in get_kind(res["kind"]).option_defaults():
+        res.setdefault("block_size", args.block_size)
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       max_seq_len=args.prompt_len + args.new_tokens, residual=ResidualConfig(**res))
     torch.manual_seed(0)
@@ -79,7 +83,8 @@ def ops_per_token(model: LM, prompt: torch.Tensor, token: torch.Tensor) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--residuals", default="prenorm,attnres,block_attnres", help="comma-separated kinds; the first is the baseline")
+    ap.add_argument("--residuals", default="prenorm,attnres,block_attnres",
+                    help="comma-separated kind[:opt=value,opt=value]; prenorm (plain) is the baseline if listed, else the first")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -95,13 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
-    kinds = [k.strip() for k in args.residuals.split(",") if k.strip()]
+    specs = dict(parse_specs(args.residuals))  # label -> residual table
+    kinds = list(specs)
     if "prenorm" in kinds:  # the baseline goes first
         kinds.remove("prenorm")
         kinds.insert(0, "prenorm")
 
-    base = build("prenorm", args, None).state_dict()
-    models = {k: build(k, args, base) for k in kinds}
+    base = build({"kind": "prenorm"}, args, None).state_dict()
+    models = {k: build(specs[k], args, base) for k in kinds}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=g)
     new = torch.randint(0, args.vocab, (1, args.new_tokens), generator=g)
@@ -127,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         pre_ratio = statistics.median(a / b for a, b in zip(prefills[k], prefills[base_k]))
         dec, pre = statistics.median(steps[k]), statistics.median(prefills[k])
         n_ops = ops_per_token(models[k], prompt, new[:, :1])
-        label = k + (f" (S={args.block_size})" if k == "block_attnres" else "")
+        block = models[k].cfg.residual.to_dict().get("block_size")
+        label = k + (f" (S={block})" if block is not None and "block_size" not in specs[k] else "")
         print(f"| {label} | {dec * 1e3:.3f} | {dec_ratio:.3f}x | {n_ops} | {args.prompt_len / pre:,.0f} | {pre_ratio:.3f}x |")
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ if str(REPO / "src") not in sys.path:  # runnable from a fresh clone without ins
     sys.path.insert(0, str(REPO / "src"))
 
 from resstream import LM, ModelConfig, ResidualConfig  # noqa: E402
-from resstream.residual import available_kinds  # noqa: E402
+from resstream.config import ConfigError, parse_value  # noqa: E402,F401  (parse_value: step_time's flags)
+from resstream.residual import available_kinds, format_spec, get_kind, parse_spec  # noqa: E402
+from resstream.residual.config import split_specs  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- shapes and variants
@@ -72,14 +74,13 @@ class Variant:
     """One residual kind with its options, run on one code path."""
 
     kind: str
-    options: dict[str, Any] = field(default_factory=dict)  # ResidualConfig overrides
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's options (ResidualConfig fields)
     label_options: dict[str, Any] = field(default_factory=dict)  # the ones named in the label
     compiled: bool = False
 
     @property
     def label(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.label_options.items())
-        return f"{self.kind}({opts})" if opts else self.kind
+        return format_spec({"kind": self.kind, **self.label_options})
 
     @property
     def path(self) -> str:
@@ -87,35 +88,27 @@ class Variant:
 
 
 def residual_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(ResidualConfig) if f.name != "kind"]
-
-
-def parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+    """Every option of every kind, once (the first kind's default where kinds share a name)."""
+    out: dict[str, dataclasses.Field] = {}
+    for kind in available_kinds():
+        for f in dataclasses.fields(get_kind(kind).options):
+            out.setdefault(f.name, f)
+    return list(out.values())
 
 
 def parse_variants(spec: str, common: dict[str, Any]) -> list[Variant]:
-    """'prenorm,block_attnres:block_size=8:recompute=true' -> Variants (unknown kinds rejected)."""
+    """'prenorm,block_attnres:block_size=8,recompute=true' -> Variants (the residual-spec grammar of
+    resstream.residual.config; unknown kinds and options rejected). ``common`` options apply to
+    every variant whose kind has them."""
     out = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        kind, *pairs = item.split(":")
-        if kind not in available_kinds():
-            raise SystemExit(f"unknown residual kind '{kind}'; known kinds: {', '.join(available_kinds())}")
-        own = {}
-        for pair in pairs:
-            key, sep, raw = pair.partition("=")
-            if not sep:
-                raise SystemExit(f"bad option '{pair}' in '{item}': expected key=value")
-            own[key] = parse_value(raw)
-        out.append(Variant(kind, {**common, **own}, own))
+    for item in split_specs(spec):
+        try:
+            own = parse_spec(item)
+        except ConfigError as e:
+            raise SystemExit(str(e)) from None
+        kind = own.pop("kind")
+        options = get_kind(kind).option_defaults()
+        out.append(Variant(kind, {**{k: v for k, v in common.items() if k in options}, **own}, own))
     return out
 
 

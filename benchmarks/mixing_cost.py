@@ -29,7 +29,7 @@ from resstream.residual import build_residual  # noqa: E402
 
 def stream_entry(shape: H.Shape, v: H.Variant, device: torch.device, emb: torch.Tensor, stand_in_only: bool = False):
     cfg = H.model_config(shape, v)
-    stream = build_residual(cfg).to(device)
+    stream = build_residual(cfg.residual, cfg.n_sublayers, cfg.d_model).to(device)
     with torch.no_grad():  # random queries: zero queries would make every softmax uniform
         for p in stream.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -1,13 +1,14 @@
 """Training-step time of residual kinds, side by side in one process.
 
     .venv/bin/python benchmarks/step_time.py                       # defaults below
-    .venv/bin/python benchmarks/step_time.py --residuals prenorm,block_attnres:block_size=8 --json out.json
+    .venv/bin/python benchmarks/step_time.py --residuals prenorm,block_attnres:block_size=8,recompute=true --json out.json
 
 Times forward + backward + AdamW step for each variant (interleaved rounds, warm-up
 discarded, median and IQR over the timed rounds), then measures each variant's peak memory
-in a fresh child process. Variants are ``kind[:option=value...]``; options are
-ResidualConfig fields, and every field also has a flag (``--block-size 4``) applying to all
-variants. See harness.py for the exact protocol and the memory methods.
+in a fresh child process. Variants are residual specs ``kind[:option=value,option=value]``
+(the grammar of ``resstream compare --residuals``); every option of every kind also has a
+flag (``--block-size 4``) applying to all variants whose kind has it. See harness.py for the
+exact protocol and the memory methods.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (each times every variant once)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     ap.add_argument("--residuals", default="prenorm,attnres,block_attnres",
-                    help=f"comma-separated kind[:opt=value...]; kinds: {', '.join(H.available_kinds())}")
+                    help=f"comma-separated kind[:opt=value,opt=value]; kinds: {', '.join(H.available_kinds())}")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="also time torch.compile'd models (slow to compile on a CPU)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
@@ -49,9 +50,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--clock", choices=sorted(H.CLOCKS), default="wall",
                     help="wall time, or this process's CPU time (use with --threads 1 on a busy machine)")
     ap.add_argument("--json", default=None, help="write the results to this file")
-    for f in H.residual_fields():  # every ResidualConfig option, applied to all variants
+    for f in H.residual_fields():  # every kind's options, applied to the variants whose kind has them
         ap.add_argument("--" + f.name.replace("_", "-"), dest="res_" + f.name, type=H.parse_value, default=None,
-                        help=f"ResidualConfig.{f.name} for every variant (default {f.default!r})")
+                        help=f"residual option {f.name} for every variant whose kind has it (default {f.default!r})")
     return ap
 
 
@@ -72,7 +73,7 @@ def print_header(shape: H.Shape, info: dict, common: dict, flavour: str, clock: 
     print(f"shape: {shape.layers} layers, d_model {shape.d_model}, {shape.heads} heads, seq {shape.seq}, "
           f"batch {shape.batch}, vocab {shape.vocab} ({shape.tokens} tokens/step) | AdamW {flavour} | fp32 | {clock} clock")
     if common:
-        print("residual options for every variant: " + ", ".join(f"{k}={v}" for k, v in common.items()))
+        print("residual options for every variant whose kind has them: " + ", ".join(f"{k}={v}" for k, v in common.items()))
 
 
 def baseline_index(variants: list[H.Variant]) -> dict[str, int]:
