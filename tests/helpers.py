@@ -84,6 +84,11 @@ def assert_matches_reference(model: LM, idx: torch.Tensor, tol: float) -> tuple[
     return mixing, ref_weights
 
 
+def residual_params(kind: str, n_layers: int, **opts) -> int:
+    """Number of residual parameters of a tiny model (d_model 32) of ``kind``."""
+    return LM(tiny_cfg(kind, n_layers=n_layers, **opts)).num_params(residual_only=True)
+
+
 def embedding_only_logits(model: LM, idx: torch.Tensor) -> torch.Tensor:
     """Logits of the model with every sublayer skipped: head(final_norm(emb))."""
     return model.head(model.final_norm(model.embed(idx)))

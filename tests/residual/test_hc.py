@@ -1,7 +1,6 @@
 """hc: the wiring follows the paper's orientation (Eqs. 2-5) and the init is Eq. 14."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from helpers import tiny_cfg

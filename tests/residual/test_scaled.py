@@ -7,21 +7,15 @@ import math
 import pytest
 import torch
 
-from helpers import embedding_only_logits, prenorm_twin, rel_err, tiny_cfg
+from helpers import residual_params, embedding_only_logits, prenorm_twin, rel_err, tiny_cfg
 from resstream import LM
 
 
 @pytest.mark.parametrize("n_layers", [1, 3, 4])
 def test_parameter_count(n_layers):
-    D = 32
     L = 2 * n_layers
-    expected = {
-        ("rezero", ()): L,
-        ("scaled", ()): 0,
-    }
-    for (kind, opts), count in expected.items():
-        model = LM(tiny_cfg(kind, n_layers=n_layers, **dict(opts)))
-        assert model.num_params(residual_only=True) == count, kind
+    assert residual_params("rezero", n_layers) == L
+    assert residual_params("scaled", n_layers) == 0
 
 
 def test_rezero_at_init_is_the_embedding_only_model():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -132,8 +133,6 @@ class Kind:
     @property
     def summary(self) -> str:
         """The first line of the stream's docstring (or of its module's)."""
-        import sys
-
         doc = self.stream.__doc__ or sys.modules[self.stream.__module__].__doc__ or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
 

@@ -57,8 +57,6 @@ class ResidualConfig(ConfigBase):
             raise ConfigError(f"{where.rstrip('.')}: expected a table, got {data!r}")
         data = upgrade_saved(data)
         kind = data.get("kind", "prenorm")
-        if not isinstance(kind, str):
-            raise ConfigError(f"{where}kind: expected str, got {kind!r}")
         sub = config_class(kind, where)
         _check_option_names(kind, data, where)
         return super(ResidualConfig, sub).from_dict(data, prefix)
@@ -85,6 +83,8 @@ _CONFIG_CLASSES: dict[str, type] = {}
 
 def config_class(kind: str, where: str = WHERE) -> type:
     """The config class of ``kind``: ``kind`` plus the fields of the kind's options class."""
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}kind: expected str, got {kind!r}")
     if kind not in _CONFIG_CLASSES:
         try:
             options = get_kind(kind).options

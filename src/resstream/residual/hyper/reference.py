@@ -22,6 +22,13 @@ def _per_token(a: Tensor) -> Tensor:
     return a.unsqueeze(-1) if a.dim() else a
 
 
+def _static(params: dict, l: int, n: int) -> tuple[list, list, list]:
+    """Sublayer l's static coefficients as float64 scalars: pre[j], post[j], res[a][b] = static_res[l, a, b]."""
+    pre = [_f64(params["static_pre"][l, j]) for j in range(n)]
+    post = [_f64(params["static_post"][l, j]) for j in range(n)]
+    return pre, post, [[_f64(params["static_res"][l, a, b]) for b in range(n)] for a in range(n)]
+
+
 def hc_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, list]:
     """Hyper-Connections (Zhu et al., ICLR 2025), one token-wise stream h_j at a time:
     h_j = emb (j = 1..n); sublayer l reads x = sum_j A_m[j] h_j (width connection) and writes
@@ -32,9 +39,7 @@ def hc_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, lis
     n = cfg.n_streams
     H = [_f64(emb)] * n
     for l, f in enumerate(sublayers):
-        A_m = [_f64(params["static_pre"][l, j]) for j in range(n)]
-        B = [_f64(params["static_post"][l, j]) for j in range(n)]
-        A_r = [[_f64(params["static_res"][l, j, i]) for i in range(n)] for j in range(n)]
+        A_m, B, A_r = _static(params, l, n)  # A_r[j][i]: stream j into stream i
         if cfg.dynamic:
             W = _f64(params["dynamic_proj"][l])  # columns: W_b, W_m, W_r[:, 0..n-1]
             s_a, s_b = _f64(params["dynamic_scale"][l])
@@ -69,9 +74,7 @@ def mhc_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, li
     n = cfg.n_streams
     H = [_f64(emb)] * n
     for l, f in enumerate(sublayers):
-        pre = [_f64(params["static_pre"][l, j]) for j in range(n)]
-        post = [_f64(params["static_post"][l, j]) for j in range(n)]
-        res = [[_f64(params["static_res"][l, i, j]) for j in range(n)] for i in range(n)]
+        pre, post, res = _static(params, l, n)  # res[i][j]: stream j into stream i
         if cfg.dynamic:
             v = _rms_normed(torch.cat(H, dim=-1), cfg.stream_norm_eps)  # [B, T, nD]
             phi = _f64(params["dynamic_proj"][l])
