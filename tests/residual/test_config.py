@@ -159,3 +159,27 @@ def test_cli_names_the_kinds_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and needle in err and err.count("\n") == 1, (args, err)
         assert not out.exists()
+
+
+def test_a_run_folder_saved_with_every_kinds_options_still_loads(tmp_path, monkeypatch):
+    """config.json as written before each kind owned its options (the hc stream norm then named
+    key_norm_eps) loads into the same model."""
+    from resstream.runs.config import RunConfig
+    from resstream.train import train
+    from resstream.train.checkpoint import load_run_model
+
+    monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig.from_dict({
+        "name": "old", "model": {"d_model": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 16,
+                                 "residual": {"kind": "hc", "n_streams": 2}},
+        "data": {"corpus": "kjv", "vocab_size": 300, "max_bytes": 30_000},
+        "train": {"steps": 1, "batch_size": 2, "seq_len": 8, "eval_every": 1, "eval_batches": 1, "save_every": 1},
+    })
+    assert train(cfg, tmp_path / "run", progress=False, log=lambda s: None).status == "finished"
+    path = tmp_path / "run" / "config.json"
+    meta = json.loads(path.read_text())
+    assert meta["model"]["residual"] == ResidualConfig(kind="hc", n_streams=2).to_dict()  # today's flat form
+    meta["model"]["residual"] = _legacy("hc", n_streams=2, key_norm_eps=2e-6)
+    path.write_text(json.dumps(meta))
+    model = load_run_model(tmp_path / "run")[0]
+    assert model.cfg.residual == ResidualConfig(kind="hc", n_streams=2, stream_norm_eps=2e-6)
