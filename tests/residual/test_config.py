@@ -166,7 +166,7 @@ def test_a_run_folder_saved_with_every_kinds_options_still_loads(tmp_path, monke
     key_norm_eps) loads into the same model."""
     from resstream.runs.config import RunConfig
     from resstream.train import train
-    from resstream.train.checkpoint import load_run_model
+    from resstream.runs import load_run_model
 
     monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig.from_dict({

@@ -31,7 +31,7 @@ class CompareOptions:
 
 
 def parse_residuals(specs: list[str] | tuple[str, ...]) -> list[tuple[str, dict]]:
-    """'block_attnres:block_size=4' -> ('block_attnres-block_size=4', {'kind': ..., 'block_size': 4})."""
+    """Residual specs 'kind:key=value,key=value' -> [(label, residual table)] (residual.config.parse_specs)."""
     return parse_specs(specs)
 
 
