@@ -1,4 +1,4 @@
 """The comparison room: multi-kind, multi-seed runs, statistics and the report."""
-from resstream.compare.run import CompareOptions, compare, parse_residuals
+from resstream.compare.run import CompareOptions, compare
 
-__all__ = ["compare", "CompareOptions", "parse_residuals"]
+__all__ = ["compare", "CompareOptions"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resstream.config import ConfigError, apply_overrides
-from resstream.residual.config import parse_specs
+from resstream.residual.config import parse_specs, spec_label
 from resstream.runs.config import RunConfig
 
 
@@ -30,18 +30,13 @@ class CompareOptions:
     baseline: str | None = None  # an entry of residuals (its spec or label); None: the first
 
 
-def parse_residuals(specs: list[str] | tuple[str, ...]) -> list[tuple[str, dict]]:
-    """Residual specs 'kind:key=value,key=value' -> [(label, residual table)] (residual.config.parse_specs)."""
-    return parse_specs(specs)
-
-
 def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:
     """The label of the kind the others are compared with: ``baseline`` given as a spec
     ("kind:key=value") or a label ("kind-key=value"); None: the first."""
     if baseline is None:
         return kinds[0][0]
     labels = [label for label, _ in kinds]
-    label = baseline.strip().replace(":", "-").replace(",", "-")
+    label = spec_label(baseline)
     if label not in labels:
         raise ConfigError(f"--baseline: '{baseline}' is not one of the compared kinds ({', '.join(labels)}); name one of them")
     return label
@@ -49,15 +44,7 @@ def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:
 
 def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[str, dict]], list[int]]:
     """Resolve kinds, seeds and the token budget into one base config."""
-    specs = opts.residuals.split(",") if opts.residuals else list(cfg.compare.residuals)
-    # options after ':' may themselves contain commas: re-join pieces that are options
-    merged: list[str] = []
-    for piece in specs:
-        if merged and ":" in merged[-1] and "=" in piece and ":" not in piece:
-            merged[-1] += "," + piece
-        else:
-            merged.append(piece)
-    kinds = parse_residuals(merged)
+    kinds = parse_specs(opts.residuals if opts.residuals else list(cfg.compare.residuals))
     n_seeds = opts.seeds if opts.seeds is not None else cfg.compare.seeds
     if n_seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1, got {n_seeds}")
