@@ -7,14 +7,11 @@
     hyper/        hyper-connections (hc) and mHC (mhc)
 """
 from resstream.residual.base import (Kind, ResidualStream, State, available_kinds, build_residual, describe, get_kind,
-                                     register)
+                                     import_rooms, register)
 from resstream.residual.config import ResidualConfig, format_spec, parse_spec, parse_specs, spec_label
-from resstream.residual import prenorm as _prenorm  # noqa: F401  (registers)
-from resstream.residual import attnres as _attnres  # noqa: F401
-from resstream.residual import hyper as _hyper  # noqa: F401
-from resstream.residual import dense as _dense  # noqa: F401
-from resstream.residual import delta as _delta  # noqa: F401
-from resstream.residual import scaled as _scaled  # noqa: F401
+# Every module and subpackage here registers its kinds when imported; PreNorm, the baseline,
+# first and the rest by name (this order is the order of `resstream kinds`).
+import_rooms(__name__, __path__, first=("prenorm", "attnres", "hyper"))
 
 __all__ = ["Kind", "ResidualConfig", "ResidualStream", "State", "available_kinds", "build_residual", "describe", "format_spec",
            "get_kind", "parse_spec", "parse_specs", "register", "spec_label"]

@@ -195,3 +195,14 @@ def describe(kind: str | None) -> dict[str, Any]:
 def build_residual(cfg: Any, n_sublayers: int, d_model: int) -> ResidualStream:
     """The stream of ``cfg`` (a ResidualConfig) for ``n_sublayers`` sublayers of width ``d_model``."""
     return get_kind(cfg.kind).stream(cfg, n_sublayers, d_model)
+
+
+def import_rooms(package: str, path: Sequence[str], first: Sequence[str] = ()) -> None:
+    """Import every module and subpackage of ``package`` (each registers its kinds), ``first``
+    in that order, the rest by name: a new kind is found by dropping its module in the folder."""
+    import importlib
+    import pkgutil
+
+    names = [m.name for m in pkgutil.iter_modules(path) if m.name not in ("base", "config", "reference")]
+    for name in [n for n in first if n in names] + sorted(n for n in names if n not in first):
+        importlib.import_module(f"{package}.{name}")

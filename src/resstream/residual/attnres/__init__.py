@@ -10,4 +10,6 @@ pseudo-query of their own (Kimi Team, "Attention Residuals", arXiv:2603.15031).
     depth_swa.py  depth_swa: a sliding window over depth
     reference.py  the float64 references of all three
 """
-from resstream.residual.attnres import block, depth_swa, full  # noqa: F401  (register the kinds)
+from resstream.residual.base import import_rooms
+
+import_rooms(__name__, __path__, first=("full", "block"))  # registers the family's kinds

@@ -6,4 +6,6 @@
     sinkhorn.py   Sinkhorn-Knopp with a hand-written backward, for mhc
     reference.py  the float64 references of both
 """
-from resstream.residual.hyper import hc, mhc  # noqa: F401  (register the kinds)
+from resstream.residual.base import import_rooms
+
+import_rooms(__name__, __path__, first=("hc", "mhc"))  # registers the family's kinds
