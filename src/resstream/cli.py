@@ -1,7 +1,7 @@
 """The `resstream` command: a thin layer over the Python API.
 
     resstream train    --config configs/tiny.toml [--out RUN_DIR] [key=value ...]
-    resstream train    --resume RUN_DIR [train.steps=N ...]
+    resstream train    --resume RUN_DIR [--trust-unverified] [train.steps=N ...]
     resstream data prepare [--config FILE] [data.corpus=... ...]
     resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
     resstream diagnose RUN_DIR [--out DIR]
@@ -36,7 +36,8 @@ def cmd_train(args) -> int:
             raise ConfigError(f"cannot change '{bad[0]}' when resuming; only {', '.join(sorted(RESUMABLE_KEYS))} may change")
         saved = read_run_config(Path(args.resume))["run"]
         cfg = RunConfig.from_dict(apply_overrides(saved, args.overrides))
-        result = train(cfg, Path(args.resume), resume=True, progress=not args.no_progress)
+        result = train(cfg, Path(args.resume), resume=True, progress=not args.no_progress,
+                       trust_unverified=args.trust_unverified)
     else:
         cfg = load_run_config(args.config, args.overrides, preset=args.preset)
         result = train(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
@@ -87,7 +88,7 @@ def cmd_generate(args) -> int:
 
     generate_from_run(
         Path(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=sys.stdout,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=sys.stdout, trust_unverified=args.trust_unverified,
     )
     return 0
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--trust-unverified", action="store_true", help="resume from checkpoints that record no SHA-256")
     t.set_defaults(fn=cmd_train)
 
     dp = sub.add_parser("data", help="data commands").add_subparsers(dest="data_command", required=True)
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--trust-unverified", action="store_true", help="load checkpoints that record no SHA-256")
     g.set_defaults(fn=cmd_generate)
 
     k = sub.add_parser("kinds", help="list the residual kinds")
@@ -162,15 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse, letting ``key=value`` overrides and options interleave as users type them
+    (``train --config c.toml a=1 --out X b=2``): argparse takes the first run of positionals,
+    the overrides after an option come back unparsed and are appended in order."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     from resstream.runs.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.fn(args)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"resstream: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"resstream: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as e:  # disk full, permissions, out of memory: not a bug of ours
+        print(f"resstream: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

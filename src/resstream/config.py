@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import types
 import typing
@@ -24,6 +25,14 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the field and what to do."""
+
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_SEED = INT_MAX  # torch.manual_seed and numpy take non-negative 64-bit seeds
+MAX_LR = 10.0
+MAX_VOCAB = 2**31 - 1
+# train.dtype: the autocast precision; names accepted -> the torch dtype's name
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 # ----------------------------------------------------------------------------- generic machinery
@@ -69,10 +78,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:  # torch and numpy take 64-bit integers
+                raise ConfigError(f"{where}: {value} does not fit in a 64-bit integer; use a smaller value")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int past the float range
+                raise ConfigError(f"{where}: {value} is too large for a float") from None
+            if not math.isfinite(value):  # nan and inf are never a meaningful setting
+                raise ConfigError(f"{where}: must be a finite number, got {value}")
+            return value
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -109,14 +126,22 @@ class ConfigBase:
         try:
             return cls(**kwargs)
         except ConfigError as e:
-            msg = str(e)
-            raise ConfigError(prefix + msg if prefix and not msg.startswith(prefix) else msg) from None
+            raise ConfigError(_qualify(str(e), prefix)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def _qualify(msg: str, prefix: str) -> str:
+    """Put ``prefix`` before a message's field unless the field already carries it (messages of
+    nested sections are written with their full path, e.g. "model.residual.kind: ...")."""
+    field = msg.split(":", 1)[0]
+    if not prefix or field.startswith(prefix) or f".{prefix}" in f".{field}.":
+        return msg
+    return prefix + msg
 
 
 def require(cond: bool, msg: str) -> None:
@@ -150,7 +175,9 @@ class DataConfig(ConfigBase):
         require(bool(self.corpus), "data.corpus: must name a corpus (kjv, python-stdlib, a path, or hf:NAME)")
         require(self.vocab_size >= 260, f"data.vocab_size: must be >= 260 (256 bytes + specials), got {self.vocab_size}")
         require(0.0 < self.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        require(self.vocab_size <= MAX_VOCAB, f"data.vocab_size: must be <= {MAX_VOCAB} (token ids are stored as 32-bit), got {self.vocab_size}")
         require(self.max_bytes is None or self.max_bytes > 0, f"data.max_bytes: must be > 0, got {self.max_bytes}")
+        require(bool(self.text_field), "data.text_field: must name a column")
 
 
 @dataclass
@@ -183,15 +210,26 @@ class TrainConfig(ConfigBase):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_last", "log_every"):
             v = getattr(self, name)
             require(v >= 1, f"train.{name}: must be >= 1, got {v}")
-        require(self.lr > 0, f"train.lr: must be > 0, got {self.lr}")
+        # AdamW moves each weight by about lr per step: past MAX_LR nothing trains, and lr=1e38
+        # overflows the optimizer's arithmetic. Decoupled weight decay multiplies every decayed
+        # weight by 1 - lr * weight_decay per step, which must stay positive.
+        require(0 < self.lr <= MAX_LR, f"train.lr: must be in (0, {MAX_LR:g}], got {self.lr}")
         require(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         require(0.0 <= self.warmup_frac < 1.0, f"train.warmup_frac: must be in [0, 1), got {self.warmup_frac}")
         require(self.schedule in ("cosine", "linear", "constant"), f"train.schedule: must be cosine, linear or constant, got '{self.schedule}'")
         require(self.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {self.weight_decay}")
-        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2: must be in [0, 1)")
+        require(self.lr * self.weight_decay < 1, f"train.weight_decay: lr x weight_decay = {self.lr * self.weight_decay:g} must be < 1 (AdamW scales weights by 1 - lr x weight_decay each step)")
+        require(0 <= self.beta1 < 1, f"train.beta1: must be in [0, 1), got {self.beta1}")
+        require(0 <= self.beta2 < 1, f"train.beta2: must be in [0, 1), got {self.beta2}")
         require(self.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
-        require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), f"train.device: must be auto, cpu, cuda[:N] or mps, got '{self.device}'")
-        require(self.dtype in ("auto", "float32", "bfloat16"), f"train.dtype: must be auto, float32 or bfloat16, got '{self.dtype}'")
+        require(0 <= self.seed <= MAX_SEED, f"train.seed: must be in [0, {MAX_SEED}] (a 63-bit seed), got {self.seed}")
+        require(self.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(self.device), f"train.device: must be auto, cpu, cuda[:N] or mps, got '{self.device}'")
+        require(self.dtype in DTYPES, f"train.dtype: must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+
+
+def _is_cuda_index(name: str) -> bool:
+    head, _, index = name.partition(":")
+    return head == "cuda" and index.isdigit()
 
 
 @dataclass

@@ -44,7 +44,9 @@ def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:
 
 def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[str, dict]], list[int]]:
     """Resolve kinds, seeds and the token budget into one base config."""
-    kinds = parse_specs(opts.residuals if opts.residuals else list(cfg.compare.residuals))
+    if opts.residuals is not None and not opts.residuals.strip():
+        raise ConfigError("--residuals: empty; name at least one residual kind (`resstream kinds` lists them)")
+    kinds = parse_specs(opts.residuals if opts.residuals is not None else list(cfg.compare.residuals))
     n_seeds = opts.seeds if opts.seeds is not None else cfg.compare.seeds
     if n_seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1, got {n_seeds}")
@@ -63,6 +65,15 @@ def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[st
     return base, kinds, seeds
 
 
+def _check_jobs(jobs: list[tuple[str, Path, dict]], vocab_size: int) -> None:
+    """Every run's config is valid and fits in memory: refused before the output folder is made."""
+    from resstream.train.setup import check_run_memory, resolve_device
+
+    for _title, _run_dir, run_cfg in jobs:
+        cfg = RunConfig.from_dict(run_cfg)
+        check_run_memory(cfg.train, cfg.model_config(vocab_size), 1, resolve_device(cfg.train.device))
+
+
 def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     """Train every (kind, seed), measure depth use, and write summary.json and the report."""
     from resstream.compare.collect import collect
@@ -74,15 +85,18 @@ def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     base, kinds, seeds = plan(cfg, opts)
     baseline = choose_baseline(kinds, opts.baseline if opts.baseline is not None else base.compare.baseline)
     out = opts.out or Path(f"compare-{base.name}")
-    claim_output(out, {"base": {k: v for k, v in base.to_dict().items() if k != "compare"},
-                       "kinds": kinds, "seeds": seeds}, opts.force)
-    data = prepare(base.data, log=log)  # once, in this process, so every child finds it cached
+    # Data first (once, in this process, so every child finds it cached): a corpus that cannot
+    # be read is refused before the output folder is touched.
+    data = prepare(base.data, log=log)
     jobs = []
     for seed in seeds:
         for label, residual in kinds:
             run_cfg = apply_overrides(base.to_dict(), [f"train.seed={seed}", f"name={json.dumps(f'{label}-s{seed}')}"])
             run_cfg["model"]["residual"] = residual
             jobs.append((f"{label} seed {seed}", out / "runs" / f"{label}-s{seed}", run_cfg))
+    _check_jobs(jobs[: len(kinds)], data.vocab_size)  # seeds change no shape: one seed's runs suffice
+    claim_output(out, {"base": {k: v for k, v in base.to_dict().items() if k != "compare"},
+                       "kinds": kinds, "seeds": seeds}, opts.force)
     run_jobs(jobs, opts.progress, log)
 
     summary = summarize(collect(out, base, kinds, seeds, data, baseline))

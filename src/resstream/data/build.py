@@ -157,9 +157,12 @@ def prepare(cfg: DataConfig, log: Optional[Log] = None) -> PreparedData:
         log(f"data: reusing {final}")
         return PreparedData.from_dir(final)
 
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key}-", dir=root))
+    except OSError as e:
+        raise ConfigError(f"data.cache_dir: cannot write '{root}' ({e.strerror or e}); set data.cache_dir to a writable folder") from None
     try:
         _build(cfg, corpus, tmp, key, log)
         try:

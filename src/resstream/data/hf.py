@@ -7,10 +7,30 @@ which is how the code path is tested offline. The ``train`` split is loaded in f
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from typing import Iterator, Optional, Sequence
 
 from resstream.config import ConfigError
 from resstream.data.corpus import Corpus, content_hash, text_value
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """Without the network the hub client logs a line per retry before giving up; the one-line
+    error below says it all, so its warnings are silenced for the call."""
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def load_hf_documents(
@@ -28,7 +48,8 @@ def load_hf_documents(
 
     label = f"hf:{name}" + (f":{config}" if config else "")
     try:
-        ds = datasets.load_dataset(name, config, data_files=data_files, split="train", cache_dir=cache_dir)
+        with _quiet_hub():
+            ds = datasets.load_dataset(name, config, data_files=data_files, split="train", cache_dir=cache_dir)
     except Exception as e:  # network, unknown name, bad config: one line for the CLI
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"data.corpus: could not load {label} ({first}); check the name, config and network") from None

@@ -50,8 +50,10 @@ class ModelConfig(ConfigBase):
         )
         require(self.mlp_hidden is None or self.mlp_hidden >= 1, f"model.mlp_hidden: must be >= 1, got {self.mlp_hidden}")
         require(self.max_seq_len >= 1, f"model.max_seq_len: must be >= 1, got {self.max_seq_len}")
-        require(self.rope_base > 0, f"model.rope_base: must be > 0, got {self.rope_base}")
-        require(self.norm_eps > 0, f"model.norm_eps: must be > 0, got {self.norm_eps}")
+        require(self.rope_base > 1, f"model.rope_base: must be > 1 (rotary wavelengths grow with it), got {self.rope_base}")
+        require(0 < self.norm_eps < 1, f"model.norm_eps: must be in (0, 1), got {self.norm_eps}")
+        # weights drawn with std past 1 make the first logits overflow; 0 or less is no init
+        require(0 < self.init_std <= 1, f"model.init_std: must be in (0, 1], got {self.init_std}")
 
     @property
     def kv_heads(self) -> int:

@@ -20,6 +20,7 @@ recomputes the whole sequence every step (exact, slow) instead of using the KV c
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -101,9 +102,12 @@ def prefill(model: nn.Module, idx: Tensor, cache: DecodeCache, chunk_size: Optio
 # ----------------------------------------------------------------------------- sampling
 
 
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float],
+                   seed: Optional[int] = None) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -196,7 +200,7 @@ def generate_tokens(model: nn.Module, idx: Tensor, max_new_tokens: int, temperat
 
     Checks its arguments when called, not when first iterated."""
     check_request(model, idx, max_new_tokens)
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed)
     return _tokens(model, idx if idx.dim() == 2 else idx[None], max_new_tokens, temperature, top_k, top_p, seed)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resstream.config import ConfigError
 from resstream.model.config import ModelConfig
 from resstream.model.generate import DecodeCache, generate
 from resstream.model.layers import MLP, Attention, RMSNorm
@@ -63,6 +64,9 @@ class LM(nn.Module):
         of L + 1 entries (each sublayer input, then the final mixture), each [B, T, n_sources]
         or None for kinds that do not mix; names in ``model.residual.source_names(l)``.
         """
+        if idx.shape[-1] > self.cfg.max_seq_len:
+            raise ConfigError(f"model.max_seq_len: the input has {idx.shape[-1]} positions but the model's context is "
+                              f"max_seq_len={self.cfg.max_seq_len}; shorten the input or raise model.max_seq_len")
         stream = self.residual
         state = stream.init(self.embed(idx))
         mixing = []

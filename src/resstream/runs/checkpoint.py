@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from resstream.runs.folder import fsync_dir
 
 CKPT_DIR = "checkpoints"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 class CheckpointError(RuntimeError):
@@ -96,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"rng.cuda{i}"] = s
-    for name, tensors in (("model.safetensors", model_sd), ("optimizer.safetensors", {**opt_tensors, **rng})):
+    for name, tensors in zip(TENSOR_FILES, (model_sd, {**opt_tensors, **rng})):
         save_file(tensors, str(tmp / name))
         with open(tmp / name, "rb+") as f:
             os.fsync(f.fileno())
@@ -104,7 +106,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch
         "step": step,
         **extra,
         "optimizer": opt_meta,
-        "sha256": {n: _sha256(tmp / n) for n in ("model.safetensors", "optimizer.safetensors")},
+        "sha256": {n: _sha256(tmp / n) for n in TENSOR_FILES},
     }
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f, indent=1)
@@ -127,27 +129,61 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+def _verify(path: Path, state: dict, trust_unverified: bool, warn) -> None:
+    """Both tensor files must match their recorded SHA-256. A checkpoint without the hashes is
+    refused unless the user asks to trust it: deleting them must not turn verification off."""
+    hashes = state.get("sha256")
+    hashes = hashes if isinstance(hashes, dict) else {}
+    missing = [n for n in TENSOR_FILES if not isinstance(hashes.get(n), str)]
+    if missing and not trust_unverified:
+        raise CheckpointError(f"checkpoint {path} has no recorded SHA-256 for {missing[0]}, so it cannot be verified; "
+                              "pass --trust-unverified to load it anyway")
+    if missing:
+        warn(f"warning: loading {path} unverified (--trust-unverified): no SHA-256 recorded for {', '.join(missing)}")
+    for name in TENSOR_FILES:
+        if name in hashes and _sha256(path / name) != hashes[name]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256")
+
+
+def nonfinite_tensor(tensors: dict) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def read_checkpoint(path: Path, trust_unverified: bool = False, warn=None) -> tuple[dict, dict, dict]:
     """Verify and read one checkpoint folder: (state, model tensors, optimizer tensors)."""
+    warn = warn or _stderr
     try:
         state = json.loads((path / "state.json").read_text())
-        for name, digest in state["sha256"].items():
-            if _sha256(path / name) != digest:
-                raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise CheckpointError(f"checkpoint {path} has a damaged state.json (no step)")
+        _verify(path, state, trust_unverified, warn)
         model_sd = load_file(str(path / "model.safetensors"))
         opt_sd = load_file(str(path / "optimizer.safetensors"))
     except CheckpointError:
         raise
-    except Exception as e:  # OSError, JSON, KeyError, or safetensors' own errors on truncation
+    except Exception as e:  # OSError, JSON, or safetensors' own errors on truncation
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    bad = nonfinite_tensor(model_sd) or nonfinite_tensor(opt_sd)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} holds non-finite values ({bad}); it is not a good checkpoint")
     return state, model_sd, opt_sd
 
 
-def latest_good_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict, dict, dict] | None:
-    """The newest checkpoint that verifies; each bad one is reported and skipped."""
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def latest_good_checkpoint(run_dir: Path, warn=None, trust_unverified: bool = False) -> tuple[Path, dict, dict, dict] | None:
+    """The newest checkpoint that verifies and holds finite values; each bad one is reported
+    (to stderr by default, never into generated text) and skipped."""
+    warn = warn or _stderr
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return (path, *read_checkpoint(path))
+            return (path, *read_checkpoint(path, trust_unverified, warn))
         except CheckpointError as e:
             warn(f"warning: {e}; falling back to the previous checkpoint")
     return None
@@ -155,6 +191,12 @@ def latest_good_checkpoint(run_dir: Path, warn=print) -> tuple[Path, dict, dict,
 
 def load_model_state(model: torch.nn.Module, model_sd: dict) -> None:
     """Load tensors saved by save_checkpoint (tied weights stored once)."""
+    expected = model.state_dict()
+    wrong = [k for k, v in model_sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"checkpoint does not fit the model: {k} is {tuple(model_sd[k].shape)} in the checkpoint, "
+                              f"{tuple(expected[k].shape)} in the model (was the run's config.json edited?)")
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
     tied = {"head.weight"} if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings else set()
     missing = [k for k in missing if k not in tied]

@@ -5,6 +5,7 @@
     RUN_DIR/metrics.jsonl    one JSON object per logged step
     RUN_DIR/status.json      running | finished | diverged | interrupted, with the last good step
     RUN_DIR/checkpoints/     see runs/checkpoint.py
+    RUN_DIR/.lock            held by the process writing the run (runs/lock.py)
 
 Every write is atomic (temporary file, fsync, rename), so a killed process leaves either the
 old file or the new one, never half of one.
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from resstream.config import ConfigError
+from resstream.runs.lock import LOCK, RunLock
 
 CONFIG, STATUS, METRICS, TOKENIZER = "config.json", "status.json", "metrics.jsonl", "tokenizer.json"
 
@@ -54,35 +57,80 @@ def is_run_dir(run_dir: Path | str) -> bool:
 
 
 def read_run_config(run_dir: Path | str) -> dict:
-    """The run's config.json: {"run": RunConfig dict, "model": ModelConfig dict, ...}."""
+    """The run's config.json: {"run": RunConfig dict, "model": ModelConfig dict, ...}, checked
+    to be that shape (the values themselves are validated by whoever builds configs from it)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a resstream run folder (no config.json); pass a folder made by `resstream train`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"'{path}' is corrupt ({e}); the run cannot be read") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"'{path}': expected a JSON object with 'run' and 'model' tables, got a {type(meta).__name__}")
+    for key in ("run", "model"):
+        if not isinstance(meta.get(key), dict):
+            raise ConfigError(f"'{path}': the '{key}' table is missing or not a table; the run's config.json was edited or damaged")
+    return meta
 
 
 def write_run_config(run_dir: Path, meta: dict) -> None:
     atomic_write_text(Path(run_dir) / CONFIG, json.dumps(meta, indent=1))
 
 
-def prepare_run_dir(out: Path, resume: bool) -> None:
-    """Check that ``out`` can hold a new run (or is a run to resume) and is writable."""
-    if resume:
-        if not is_run_dir(out):
-            raise ConfigError(f"cannot resume: '{out}' is not a run folder (no config.json)")
-        return
-    if (out / CONFIG).exists():
-        raise ConfigError(f"'{out}' already holds a run; resume it with --resume {out} or choose another --out")
+def claim_run_dir(out: Path, resume: bool) -> RunLock:
+    """Lock ``out`` for this process: a new run's folder (created here, and removed again on a
+    refusal) or a run to resume. Leftovers of a killed writer are removed under the lock."""
+    out = Path(out)
+    if resume and not is_run_dir(out):
+        raise ConfigError(f"cannot resume: '{out}' is not a run folder (no config.json)")
+    created = _make_dir(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        lock = RunLock(out).acquire()
+    except ConfigError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if not resume and (out / CONFIG).exists():
+        lock.release()
+        raise ConfigError(f"'{out}' already holds a run; resume it with --resume {out} or choose another --out")
+    remove_stale_temps(out)
+    lock.created_dir = created
+    return lock
+
+
+def _make_dir(out: Path) -> bool:
+    """Create ``out`` (True) or find it there (False); ConfigError when it cannot be written."""
+    try:
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
     except OSError as e:
         raise ConfigError(f"cannot write the run folder '{out}': {e.strerror}; choose another --out") from None
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run folder '{out}'; choose another --out")
+    return created
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temporary files and checkpoint folders of a writer that was killed (the caller holds
+    the run's lock, so none of them belongs to a live process)."""
+    run_dir = Path(run_dir)
+    for p in [*run_dir.glob(".*.tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*")]:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def discard_unstarted(run_dir: Path, lock: RunLock) -> None:
+    """Remove the folder ``lock`` created for a run that never wrote its config.json (nothing
+    but the lock and temporaries in it): a failure before the first step leaves no empty folder."""
+    run_dir = Path(run_dir)
+    if lock.created_dir and run_dir.is_dir() and not (run_dir / CONFIG).exists():
+        if all(p.name == LOCK or ".tmp-" in p.name for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- status.json

@@ -6,42 +6,65 @@ import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
-from resstream.config import ConfigError
+import torch
+
+from resstream.config import ConfigError, DataConfig
 from resstream.data import PreparedData, prepare
 from resstream.data.tokenizer import find_eot_id, load_tokenizer
 from resstream.model import LM
 from resstream.model.config import ModelConfig
-from resstream.model.generate import stream_generate
+from resstream.model.generate import check_sampling, stream_generate
+from resstream.model.memory import check_memory
 from resstream.runs.checkpoint import latest_good_checkpoint, load_model_state
 from resstream.runs.config import RunConfig
-from resstream.runs.folder import TOKENIZER, read_run_config
+from resstream.runs.folder import CONFIG, TOKENIZER, read_run_config
 
 
-def load_run_model(run_dir: Path | str, device: str = "cpu", meta: dict | None = None):
+def load_run_model(run_dir: Path | str, device: str = "cpu", meta: dict | None = None,
+                   trust_unverified: bool = False, prompt: str = "", max_new_tokens: int = 0):
     """Load a run's model without its data: (model in eval mode, RunConfig, tokenizer, eot id).
 
     The tokenizer is the copy in RUN_DIR/tokenizer.json, so generation never needs the data
-    cache. ``meta``: the run's config.json when the caller has read it already.
+    cache. ``meta``: the run's config.json when the caller has read it already. Its values are
+    validated like any config, and a model that cannot fit in memory while generating
+    ``max_new_tokens`` after ``prompt`` is refused before anything is allocated.
+    ``trust_unverified``: load checkpoints that record no SHA-256 (refused otherwise).
     """
     run_dir = Path(run_dir)
     meta = read_run_config(run_dir) if meta is None else meta
-    found = latest_good_checkpoint(run_dir)
+    run_cfg, mcfg = _configs(run_dir, meta)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER)
+    context = max(1, min(len(tokenizer.encode(prompt).ids) + max(max_new_tokens, 0), mcfg.max_seq_len))
+    knobs = {"model.vocab_size": (mcfg.vocab_size, DataConfig.vocab_size, {"weights": 1, "activations": 1}),
+             "--max-new-tokens": (max_new_tokens, 100, {"activations": 1})}
+    try:
+        check_memory(mcfg, 1, context, torch.device(device), training=False, knobs=knobs)
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir / CONFIG}: {e}") from None
+    found = latest_good_checkpoint(run_dir, trust_unverified=trust_unverified)
     if found is None:
         raise ConfigError(f"run folder '{run_dir}' has no usable checkpoint; train it first (or resume it with --resume)")
-    model = LM(ModelConfig.from_dict(meta["model"]))
+    model = LM(mcfg)
     load_model_state(model, found[2])
-    tokenizer = load_tokenizer(run_dir / TOKENIZER)
-    return model.to(device).eval(), RunConfig.from_dict(meta["run"]), tokenizer, find_eot_id(tokenizer)
+    return model.to(device).eval(), run_cfg, tokenizer, find_eot_id(tokenizer)
 
 
-def load_run(run_dir: Path | str, device: str = "cpu"):
+def _configs(run_dir: Path, meta: dict) -> tuple[RunConfig, ModelConfig]:
+    """The run's configs from its config.json, validated (it may have been edited)."""
+    try:
+        return RunConfig.from_dict(meta["run"]), ModelConfig.from_dict(meta["model"], prefix="model.")
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir / CONFIG}: {e}") from None
+
+
+def load_run(run_dir: Path | str, device: str = "cpu", trust_unverified: bool = False):
     """Load a finished or partial run: (model in eval mode, RunConfig, PreparedData).
 
     Uses the newest checkpoint that verifies. The data is reopened from its cache folder
     or prepared again from the recorded config (deterministic) if the cache is gone.
     """
     meta = read_run_config(run_dir)
-    model, run_cfg, _, _ = load_run_model(run_dir, device, meta=meta)
+    model, run_cfg, _, _ = load_run_model(run_dir, device, meta=meta, trust_unverified=trust_unverified)
     try:
         data = PreparedData.from_dir(Path(meta.get("data_dir", "")))
     except Exception:
@@ -51,10 +74,13 @@ def load_run(run_dir: Path | str, device: str = "cpu"):
 
 def generate_from_run(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                      out: TextIO = sys.stdout) -> str:
+                      out: TextIO = sys.stdout, trust_unverified: bool = False) -> str:
     """Load a run (its newest good checkpoint), write the prompt and its streamed continuation
-    to ``out``, and return the continuation. Stops early at the run's end-of-text token."""
-    model, _run_config, tokenizer, eot = load_run_model(run_dir)  # the run's own tokenizer.json
+    to ``out``, and return the continuation. Stops early at the run's end-of-text token.
+    Warnings (a checkpoint skipped, ...) go to stderr, never into ``out``."""
+    check_sampling(temperature, top_k, top_p, seed)  # before the model is loaded
+    model, _run_config, tokenizer, eot = load_run_model(run_dir, trust_unverified=trust_unverified, prompt=prompt,
+                                                        max_new_tokens=max_new_tokens)
     pieces = stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot)
     out.write(prompt)
     out.flush()

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from resstream.data.batches import train_batch
 from resstream.runs import folder
-from resstream.runs.checkpoint import latest_good_checkpoint, load_model_state, optimizer_from_tensors, save_checkpoint
+from resstream.config import ConfigError
+from resstream.runs.checkpoint import (
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_model_state,
+    optimizer_from_tensors,
+    save_checkpoint,
+)
 from resstream.runs.config import RunConfig
 from resstream.train.distributed import all_reduce_sum
 from resstream.train.evaluate import evaluate
@@ -50,7 +57,9 @@ class RunResult:
 
 @dataclass
 class _Window:
-    """Train loss and time accumulated since the last logged row."""
+    """Train loss and time accumulated since the last logged row. The open window is saved in
+    each checkpoint (``window``), so the first row after a resume averages the same steps as
+    the uninterrupted run's."""
 
     loss: float = 0.0
     steps: int = 0
@@ -59,35 +68,84 @@ class _Window:
     steps_this_call: int = 0
     last_val: tuple = field(default=(None, None))
 
+    def saved(self) -> dict:
+        return {"loss": self.loss, "steps": self.steps, "time": self.time, "last_val": list(self.last_val)}
+
+    @classmethod
+    def restored(cls, saved: dict | None) -> "_Window":
+        saved = saved or {}
+        return cls(loss=float(saved.get("loss", 0.0)), steps=int(saved.get("steps", 0)), time=float(saved.get("time", 0.0)),
+                   last_val=tuple(saved.get("last_val", (None, None))))
+
 
 def train(cfg: RunConfig, out: Path | str | None = None, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, stop_after: int | None = None) -> RunResult:
+          log: Callable[[str], None] = print, stop_after: int | None = None,
+          trust_unverified: bool = False) -> RunResult:
     """Train (or resume) one run into the folder ``out``. ``stop_after`` ends the process's
-    work after that many steps as if interrupted (used by tests of exact resume)."""
+    work after that many steps as if interrupted (used by tests of exact resume).
+    ``trust_unverified``: resume from a checkpoint that records no SHA-256 (refused otherwise)."""
     s = setup_session(cfg, out, resume, log)
-    step = _resume(s) if resume else 0
-    if s.d.is_main:
-        _write_metadata(s, step)
-    return _run(s, step, progress, stop_after)
+    try:
+        step, w = _resume(s, trust_unverified) if resume else (0, _Window())
+        if resume and step >= cfg.train.steps and _finished(s):
+            return _already_finished(s, step)
+        if s.d.is_main:
+            if resume:
+                folder.truncate_metrics(s.out, step)
+            _write_metadata(s, step)
+        return _run(s, step, progress, stop_after, w)
+    except BaseException as e:
+        _failed(s, e)
+        raise
+    finally:
+        if s.lock is not None:
+            s.lock.release()
 
 
-def _resume(s: Session) -> int:
-    """Load the newest good checkpoint (model, optimizer, RNG); returns its step (0 if none)."""
-    found = latest_good_checkpoint(s.out, warn=s.say)
-    step = 0
-    if found is not None:
-        _, state, model_sd, opt_sd = found
-        load_model_state(s.model, model_sd)
-        rng = {k: v for k, v in opt_sd.items() if k.startswith("rng.")}
-        optimizer_from_tensors(s.opt, {k: v for k, v in opt_sd.items() if not k.startswith("rng.")}, state["optimizer"])
-        torch.set_rng_state(rng["rng.cpu"])
-        step = state["step"]
-        s.say(f"resuming {s.out} from step {step}")
-    else:
-        s.say(f"no usable checkpoint in {s.out}; starting from step 0")
-    if s.d.is_main:
-        folder.truncate_metrics(s.out, step)
-    return step
+def _resume(s: Session, trust_unverified: bool = False) -> tuple[int, _Window]:
+    """Load the newest good checkpoint (model, optimizer, RNG, logging window): its step (0 if none)."""
+    found = latest_good_checkpoint(s.out, warn=None if s.d.is_main else (lambda m: None), trust_unverified=trust_unverified)
+    if found is None and list_checkpoints(s.out):  # restarting would throw the run's history away
+        raise ConfigError(f"no checkpoint of {s.out} can be used (see the warnings above); nothing was changed. "
+                          "Pass --trust-unverified if they only lack hashes, or start a new run")
+    if found is None:
+        s.say(f"no checkpoint in {s.out} yet; starting from step 0")
+        return 0, _Window()
+    _, state, model_sd, opt_sd = found
+    load_model_state(s.model, model_sd)
+    rng = {k: v for k, v in opt_sd.items() if k.startswith("rng.")}
+    optimizer_from_tensors(s.opt, {k: v for k, v in opt_sd.items() if not k.startswith("rng.")}, state["optimizer"])
+    torch.set_rng_state(rng["rng.cpu"])
+    s.say(f"resuming {s.out} from step {state['step']}")
+    return state["step"], _Window.restored(state.get("window"))
+
+
+def _finished(s: Session) -> bool:
+    return (folder.read_status(s.out) or {}).get("status") == "finished"
+
+
+def _already_finished(s: Session, step: int) -> RunResult:
+    """A finished run resumed with nothing left to do: say so and change nothing on disk."""
+    st = folder.read_status(s.out) or {}
+    s.say(f"{s.out} already finished at step {step} (train.steps={s.cfg.train.steps}); nothing to do. "
+          f"To train longer: resstream train --resume {s.out} train.steps=N")
+    return RunResult(s.out, "finished", step, int(st.get("last_good_step", step)), st.get("val_loss"), st.get("val_bpb"),
+                     float(st.get("tokens_per_s", 0.0)), peak_memory_mb(s.device), float(st.get("wall_s", 0.0)))
+
+
+def _failed(s: Session, e: BaseException) -> None:
+    """An error ended the run: status.json says so (never a stale "running"); a folder that
+    never got its config.json is removed."""
+    if not s.d.is_main:
+        return
+    if not folder.is_run_dir(s.out):
+        folder.discard_unstarted(s.out, s.lock)
+        return
+    st = folder.read_status(s.out) or {}
+    if st.get("status") == "running":
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        folder.write_status(s.out, reason, int(st.get("last_good_step", 0)),
+                            error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
 
 
 def _write_metadata(s: Session, step: int) -> None:
@@ -148,40 +206,56 @@ def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_st
     return row
 
 
-def _save(s: Session, step: int) -> None:
-    tc = s.cfg.train
-    extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash()}
-    save_checkpoint(s.out, step, s.model, s.opt, extra, tc.keep_last)
+def _params_finite(s: Session) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in s.model.parameters())
 
 
-def _run(s: Session, step: int, progress: bool, stop_after: int | None) -> RunResult:
-    """The steps from ``step`` to train.steps, then the final status."""
+def _save(s: Session, step: int, w: _Window) -> bool:
+    """Checkpoint ``step`` if every parameter is finite (every rank checks; the main rank
+    writes). A non-finite model is never written: the newest checkpoint stays a good one."""
+    if not _params_finite(s):
+        s.say(f"parameters are not finite after step {step}; no checkpoint written")
+        return False
+    if s.d.is_main:
+        tc = s.cfg.train
+        extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash(), "window": w.saved()}
+        save_checkpoint(s.out, step, s.model, s.opt, extra, tc.keep_last)
+    return True
+
+
+def _run(s: Session, step: int, progress: bool, stop_after: int | None, w: _Window | None = None) -> RunResult:
+    """The steps from ``step`` to train.steps, then the final status. "last good step" is the
+    newest step whose checkpoint was written (finite), never a step that diverged."""
     tc, d = s.cfg.train, s.d
     fwd = DDP(s.model) if d.enabled else s.model
     if tc.compile:
         fwd = torch.compile(fwd)
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and d.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
-    w, status, last_good, t_start = _Window(), "finished", step, time.perf_counter()
+    w = w or _Window()
+    status, last_good, t_start = "finished", step, time.perf_counter()
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
             train_loss, grad_norm, lr = _step(s, fwd, step)
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 status = "diverged"
-                s.say(f"run diverged at step {step} (loss {train_loss}, grad norm {grad_norm}); last good step {last_good}")
+                s.say(f"run diverged at step {step + 1} (loss {train_loss}, grad norm {grad_norm}); last good step {last_good}")
                 break
             s.opt.step()
             s.opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            step, last_good = step + 1, step + 1
+            step += 1
             w.total_time, w.steps_this_call = w.total_time + dt, w.steps_this_call + 1
             w.loss, w.steps, w.time = w.loss + train_loss, w.steps + 1, w.time + dt
             row = _record(s, step, w, lr, grad_norm, t_start)
             if row and d.is_main:
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_bpb") if k in row}
                                 | ({"tok/s": f"{row['tokens_per_s']:.0f}"} if "tokens_per_s" in row else {}))
-            if d.is_main and (step % tc.save_every == 0 or step == tc.steps):
-                _save(s, step)
+            if step % tc.save_every == 0 or step == tc.steps:
+                if not _save(s, step, w):
+                    status = "diverged"
+                    break
+                last_good = step
             bar.update(1)
             if stop_after is not None and w.steps_this_call >= stop_after and step < tc.steps:
                 status = "interrupted"
@@ -195,11 +269,15 @@ def _run(s: Session, step: int, progress: bool, stop_after: int | None) -> RunRe
 
 
 def _finish(s: Session, status: str, step: int, last_good: int, w: _Window, t_start: float) -> RunResult:
-    if s.d.is_main and status == "interrupted" and step > 0:
-        _save(s, step)
+    if status == "interrupted" and step > last_good:
+        if _save(s, step, w):
+            last_good = step
+        else:
+            status = "diverged"
     wall = time.perf_counter() - t_start
     tokens_per_step = s.cfg.train.batch_size * s.cfg.train.seq_len
     tps = (w.steps_this_call * tokens_per_step / w.total_time) if w.total_time > 0 else 0.0
     if s.d.is_main:
-        folder.write_status(s.out, status, last_good, val_bpb=w.last_val[1], tokens_per_s=tps, wall_s=wall)
+        folder.write_status(s.out, status, last_good, val_loss=w.last_val[0], val_bpb=w.last_val[1],
+                            tokens_per_s=tps, wall_s=wall)
     return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall)

@@ -10,12 +10,15 @@ from typing import Callable
 
 import torch
 
-from resstream.config import ConfigError
+from resstream.config import DTYPES, ConfigError, DataConfig, TrainConfig
 from resstream.data import PreparedData, prepare
 from resstream.data.batches import train_batch, val_batches
 from resstream.model import LM
+from resstream.model.config import ModelConfig
+from resstream.model.memory import check_memory
 from resstream.runs import folder
 from resstream.runs.config import RunConfig
+from resstream.runs.lock import RunLock
 from resstream.train.distributed import Dist, barrier, init_distributed
 from resstream.train.optim import make_optimizer
 
@@ -35,6 +38,7 @@ class Session:
     vbatches: list
     token_bytes: torch.Tensor
     say: Callable[[str], None]
+    lock: RunLock | None = None  # the run folder's, held by the main rank until the run ends
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,10 +52,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast where the device supports it well (CUDA); fp32 elsewhere."""
+    """The autocast precision: ``auto`` is bf16 where the device supports it well (CUDA) and
+    fp32 elsewhere; bf16/bfloat16 asks for bf16 autocast on any device (CPU included)."""
+    name = DTYPES[name]
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return getattr(torch, name)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -96,14 +102,30 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     mcfg = cfg.model_config(data.vocab_size)
     if tc.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len {mcfg.max_seq_len}; raise model.max_seq_len")
+    check_run_memory(tc, mcfg, d.world, device)
     vbatches = val_batches(data.val, tc.eval_batches, max(1, tc.batch_size // tc.grad_accum), tc.seq_len)
     train_batch(data.train, tc.seed, 0, 0, 1, 0, 1, tc.batch_size, tc.seq_len)  # fails early if too short
-    if d.is_main:
-        folder.prepare_run_dir(out, resume)
-    barrier(d)
-    model = LM(mcfg)
-    torch.manual_seed(tc.seed)
-    model.reset_parameters()
-    model.to(device)
+    lock = folder.claim_run_dir(out, resume) if d.is_main else None
+    try:
+        barrier(d)
+        model = LM(mcfg)
+        torch.manual_seed(tc.seed)
+        model.reset_parameters()
+        model.to(device)
+    except BaseException:
+        if lock is not None:
+            folder.discard_unstarted(out, lock)
+            lock.release()
+        raise
     token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
-    return Session(cfg, out, d, device, dtype, data, model, make_optimizer(model, tc), vbatches, token_bytes, say)
+    return Session(cfg, out, d, device, dtype, data, model, make_optimizer(model, tc), vbatches, token_bytes, say, lock)
+
+
+def check_run_memory(tc: TrainConfig, mcfg: ModelConfig, world: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model and batch that cannot fit (model/memory.py)."""
+    knobs = {
+        "data.vocab_size": (mcfg.vocab_size, DataConfig.vocab_size, {"weights": 1, "activations": 1}),
+        "train.batch_size": (tc.batch_size, TrainConfig.batch_size, {"activations": 1}),
+        "train.seq_len": (tc.seq_len, TrainConfig.seq_len, {"activations": 1}),
+    }
+    check_memory(mcfg, max(1, tc.batch_size // (tc.grad_accum * world)), tc.seq_len, device, training=True, knobs=knobs)
