@@ -195,14 +195,20 @@ def check_memory(cfg: ModelConfig, batch: int, tokens: int, device: torch.device
     if available is None:
         return None
     all_knobs = {**_model_knobs(cfg), **knobs}
+    what, smaller = ("training", "the model or the batch") if training else ("generation", "the model or the context")
     for estimate in (lambda: lower_bound(cfg, batch, tokens, training),
                      lambda: measure(cfg, batch, tokens, training, budget=available)):
-        est = estimate()
+        try:
+            est = estimate()
+        except RuntimeError as e:  # a tensor too large to even describe (sizes overflow 64 bits)
+            if "overflow" not in str(e):
+                raise
+            name = max(all_knobs, key=lambda k: _score(all_knobs[k][0], all_knobs[k][1], 1))
+            raise ConfigError(f"{name}={all_knobs[name][0]}: {what} needs tensors larger than 2**63 bytes; make {smaller} smaller") from None
         if est.total > available:
             name = blame(est, all_knobs)
-            what = "training" if training else "generation"
             raise ConfigError(
                 f"{name}={all_knobs[name][0]}: {what} needs about {fmt_bytes(est.total)} ({est.describe(training)}) "
-                f"but {where} has {fmt_bytes(available)} free; make the model or the batch smaller"
+                f"but {where} has {fmt_bytes(available)} free; make {smaller} smaller"
             )
     return est

@@ -15,7 +15,7 @@ from resstream.model import LM
 from resstream.model.config import ModelConfig
 from resstream.model.generate import check_sampling, stream_generate
 from resstream.model.memory import check_memory
-from resstream.runs.checkpoint import latest_good_checkpoint, load_model_state
+from resstream.runs.checkpoint import latest_good_checkpoint, list_checkpoints, load_model_state
 from resstream.runs.config import RunConfig
 from resstream.runs.folder import CONFIG, TOKENIZER, read_run_config
 
@@ -42,8 +42,11 @@ def load_run_model(run_dir: Path | str, device: str = "cpu", meta: dict | None =
     except ConfigError as e:
         raise ConfigError(f"{run_dir / CONFIG}: {e}") from None
     found = latest_good_checkpoint(run_dir, trust_unverified=trust_unverified)
+    if found is None and list_checkpoints(run_dir):
+        raise ConfigError(f"no checkpoint of '{run_dir}' can be used (see the warnings above); "
+                          "--trust-unverified loads those that only lack hashes")
     if found is None:
-        raise ConfigError(f"run folder '{run_dir}' has no usable checkpoint; train it first (or resume it with --resume)")
+        raise ConfigError(f"run folder '{run_dir}' has no checkpoint yet; train it first (or resume it with --resume)")
     model = LM(mcfg)
     load_model_state(model, found[2])
     return model.to(device).eval(), run_cfg, tokenizer, find_eot_id(tokenizer)
