@@ -24,7 +24,11 @@ else:  # pragma: no cover
 
 
 class ConfigError(ValueError):
-    """A bad config key or value; the message names the field and what to do."""
+    """A bad config key or value; the message names the field and what to do. Always one
+    line: line breaks echoed from the user's input are shown escaped."""
+
+    def __init__(self, msg: str = "") -> None:
+        super().__init__(str(msg).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -133,6 +137,20 @@ class ConfigBase:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+
+def dotted_fields(cls, prefix: str = "", tables: dict | None = None) -> dict[str, Any]:
+    """Every dotted key of a config dataclass tree -> its annotation (for fuzzing and help).
+    ``tables``: the dataclass of a free-form table field (e.g. {"model": ModelConfig})."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = (tables or {}).get(prefix + f.name, hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out.update(dotted_fields(tp, f"{prefix}{f.name}.", tables))
+        else:
+            out[prefix + f.name] = tp
+    return out
 
 
 def _qualify(msg: str, prefix: str) -> str:

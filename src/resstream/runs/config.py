@@ -13,6 +13,7 @@ from resstream.config import (
     TrainConfig,
     apply_overrides,
     config_hash,
+    dotted_fields,
     load_toml,
     require,
 )
@@ -46,6 +47,13 @@ class RunConfig(ConfigBase):
 
     def hash(self) -> str:
         return config_hash(self.to_dict())
+
+
+def run_config_fields() -> dict:
+    """Every dotted key a run config takes (model.* from ModelConfig) -> its annotation."""
+    fields = dotted_fields(RunConfig, tables={"model": ModelConfig})
+    fields.pop("model.vocab_size", None)  # set from the tokenizer
+    return fields
 
 
 def preset_path(name: str) -> Path:
