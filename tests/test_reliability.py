@@ -77,8 +77,10 @@ def test_bad_values_name_their_field(override, field):
 
 
 def test_nested_error_path_is_not_doubled():
-    with pytest.raises(ConfigError, match=r"^model\.residual\.kind: unknown residual kind"):
-        ModelConfig(vocab_size=10, residual={"kind": "nope"})
+    for residual, field in (({"kind": "nope"}, "residual.kind"), ({"kind": "hc", "n_streams": 0}, "model.residual.n_streams")):
+        with pytest.raises(ConfigError) as e:
+            ModelConfig(vocab_size=10, residual=residual)
+        assert str(e.value).startswith(field + ":") and "residual.model" not in str(e.value)
 
 
 def test_bf16_names_are_accepted():

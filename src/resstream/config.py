@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -139,20 +140,6 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
 
-def dotted_fields(cls, prefix: str = "", tables: dict | None = None) -> dict[str, Any]:
-    """Every dotted key of a config dataclass tree -> its annotation (for fuzzing and help).
-    ``tables``: the dataclass of a free-form table field (e.g. {"model": ModelConfig})."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = (tables or {}).get(prefix + f.name, hints[f.name])
-        if dataclasses.is_dataclass(tp):
-            out.update(dotted_fields(tp, f"{prefix}{f.name}.", tables))
-        else:
-            out[prefix + f.name] = tp
-    return out
-
-
 def _qualify(msg: str, prefix: str) -> str:
     """Put ``prefix`` before a message's field unless the field already carries it (messages of
     nested sections are written with their full path, e.g. "model.residual.kind: ...")."""
@@ -241,13 +228,8 @@ class TrainConfig(ConfigBase):
         require(0 <= self.beta2 < 1, f"train.beta2: must be in [0, 1), got {self.beta2}")
         require(self.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables), got {self.grad_clip}")
         require(0 <= self.seed <= MAX_SEED, f"train.seed: must be in [0, {MAX_SEED}] (a 63-bit seed), got {self.seed}")
-        require(self.device in ("auto", "cpu", "cuda", "mps") or _is_cuda_index(self.device), f"train.device: must be auto, cpu, cuda[:N] or mps, got '{self.device}'")
+        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, f"train.device: must be auto, cpu, cuda[:N] or mps, got '{self.device}'")
         require(self.dtype in DTYPES, f"train.dtype: must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-
-
-def _is_cuda_index(name: str) -> bool:
-    head, _, index = name.partition(":")
-    return head == "cuda" and index.isdigit()
 
 
 @dataclass

@@ -52,7 +52,7 @@ def test_hyper_connections_have_their_own_norm_eps(kind):
     with pytest.raises(ConfigError, match=r"^model\.residual\.key_norm_eps: renamed for residual kind "
                                           rf"'{kind}'; write model\.residual\.stream_norm_eps$"):
         ModelConfig.from_dict({"vocab_size": 10, "residual": {"kind": kind, "key_norm_eps": 1e-5}}, prefix="model.")
-    with pytest.raises(ConfigError, match="stream_norm_eps: must be > 0"):
+    with pytest.raises(ConfigError, match=r"stream_norm_eps: must be in \(0, 1\)"):
         ResidualConfig(kind=kind, stream_norm_eps=0.0)
 
 

@@ -9,8 +9,8 @@ the activations autograd saves for backward. Those are measured, not guessed: th
 built on the meta device (shapes, no storage) and run forward on a meta batch, summing the
 storage of every tensor autograd saves, which sees every residual kind's own state without
 naming a kind. A real step peaks at about twice what is saved (backward's gradients of the
-activations and temporaries: 1.7x-2.1x measured on CPU for prenorm, hc and attnres at
-d_model 128, 4 layers, batch 4-32 x 128), hence ``ACTIVATION_PEAK``. Generation holds the
+activations and temporaries: 1.7x-2.1x measured on CPU for three kinds, plain to
+multi-stream, at d_model 128, 4 layers, batch 4-32 x 128), hence ``ACTIVATION_PEAK``. Generation holds the
 weights, the KV cache and one forward's activations (the saved ones bound them from above).
 
 The closed form runs first, so absurd shapes (n_layers=100000, d_model=1000000) are refused

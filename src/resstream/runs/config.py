@@ -2,8 +2,11 @@
 TOML file or a built-in preset plus ``key=value`` overrides, written resolved into the run folder."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from resstream.config import (
     CompareConfig,
@@ -13,11 +16,11 @@ from resstream.config import (
     TrainConfig,
     apply_overrides,
     config_hash,
-    dotted_fields,
     load_toml,
     require,
 )
 from resstream.model.config import ModelConfig
+from resstream.residual.base import available_kinds, get_kind
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
@@ -49,10 +52,26 @@ class RunConfig(ConfigBase):
         return config_hash(self.to_dict())
 
 
-def run_config_fields() -> dict:
-    """Every dotted key a run config takes (model.* from ModelConfig) -> its annotation."""
-    fields = dotted_fields(RunConfig, tables={"model": ModelConfig})
+def dotted_fields(cls, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a config dataclass tree -> its annotation."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = ModelConfig if cls is RunConfig and f.name == "model" else hints[f.name]  # a free-form table
+        if dataclasses.is_dataclass(tp):
+            out.update(dotted_fields(tp, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = tp
+    return out
+
+
+def run_config_fields() -> dict[str, Any]:
+    """Every dotted key a run config takes -> its annotation (for fuzzing and help): model.*
+    from ModelConfig, model.residual.* from every residual kind's options."""
+    fields = dotted_fields(RunConfig)
     fields.pop("model.vocab_size", None)  # set from the tokenizer
+    for kind in available_kinds():
+        fields.update(dotted_fields(get_kind(kind).options, "model.residual."))
     return fields
 
 

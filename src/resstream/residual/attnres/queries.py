@@ -30,7 +30,7 @@ class PseudoQueryOptions(ConfigBase):
     key_norm_learnable: bool = True
 
     def validate(self) -> None:
-        require(self.key_norm_eps > 0, f"model.residual.key_norm_eps: must be > 0, got {self.key_norm_eps}")
+        require(0 < self.key_norm_eps < 1, f"model.residual.key_norm_eps: must be in (0, 1), got {self.key_norm_eps}")
 
 
 class PseudoQueries(ResidualStream):

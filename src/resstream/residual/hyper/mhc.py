@@ -41,7 +41,8 @@ class MHCOptions(StreamOptions):
 
     def validate(self) -> None:
         super().validate()
-        require(self.sinkhorn_iters >= 1, f"model.residual.sinkhorn_iters: must be >= 1, got {self.sinkhorn_iters}")
+        # the paper runs 20; each iteration is a step of every forward and backward
+        require(1 <= self.sinkhorn_iters <= 1000, f"model.residual.sinkhorn_iters: must be in [1, 1000], got {self.sinkhorn_iters}")
 
 
 @register("mhc", options=MHCOptions, reference=mhc_reference)

@@ -49,7 +49,7 @@ class StreamOptions(ConfigBase):
 
     def validate(self) -> None:
         require(self.n_streams >= 1, f"model.residual.n_streams: must be >= 1, got {self.n_streams}")
-        require(self.stream_norm_eps > 0, f"model.residual.stream_norm_eps: must be > 0, got {self.stream_norm_eps}")
+        require(0 < self.stream_norm_eps < 1, f"model.residual.stream_norm_eps: must be in (0, 1), got {self.stream_norm_eps}")
 
 
 class ScaledProjection(torch.autograd.Function):
