@@ -91,6 +91,15 @@ def test_bf16_names_are_accepted():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["block_attnres", "hc"])  # a two-phase mixer and a multi-stream one
+def test_bf16_training_run_on_cpu(kind, tmp_path):
+    """train.dtype=bf16 runs the trainer's autocast path on CPU: steps, evaluation, checkpoints."""
+    res = train(cfg("train.dtype=\"bf16\"", f"model.residual.kind=\"{kind}\"", "train.steps=6", "train.eval_every=6"),
+                tmp_path / "run", **QUIET)
+    assert res.status == "finished" and res.val_bpb is not None and res.val_bpb < 12
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_input_longer_than_max_seq_len_is_a_clean_error():
     model = LM(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
     with pytest.raises(ConfigError, match="model.max_seq_len"):

@@ -13,6 +13,7 @@ state dict loads into any kind with only ``residual.*`` missing.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,6 +25,7 @@ from resstream.model.config import ModelConfig
 from resstream.model.generate import DecodeCache, generate
 from resstream.model.layers import MLP, Attention, RMSNorm
 from resstream.residual import build_residual
+from resstream.residual.base import outside_autocast
 
 
 class LM(nn.Module):
@@ -67,25 +69,23 @@ class LM(nn.Module):
         if idx.shape[-1] > self.cfg.max_seq_len:
             raise ConfigError(f"model.max_seq_len: the input has {idx.shape[-1]} positions but the model's context is "
                               f"max_seq_len={self.cfg.max_seq_len}; shorten the input or raise model.max_seq_len")
-        stream = self.residual
-        state = stream.init(self.embed(idx))
-        mixing = []
+        stream, mixing = self.residual, []
+        full = functools.partial(outside_autocast, idx.device.type)  # depth mixing in full precision
+        with full():
+            state = stream.init(self.embed(idx))
         for l, sublayer in enumerate(self.sublayers):
-            if return_mixing:
-                x, w = stream.read_weighted(state, l)
-                mixing.append(w)
-            else:
-                x = stream.read(state, l)
+            with full():
+                x, w = stream.read_weighted(state, l) if return_mixing else (stream.read(state, l), None)
+            mixing.append(w)
             # Kinds that can recompute a sublayer's input in backward (residual.recompute) give
             # a context under which autograd keeps that input as a recipe, not a tensor.
             with stream.input_hooks(state, l, x):
                 y = sublayer(x)
-            state = stream.write(state, l, y)
-        if return_mixing:
-            h, w = stream.finish_weighted(state)
-            mixing.append(w)
-        else:
-            h = stream.finish(state)
+            with full():
+                state = stream.write(state, l, y)
+        with full():
+            h, w = stream.finish_weighted(state) if return_mixing else (stream.finish(state), None)
+        mixing.append(w)
         logits = self.head(self.final_norm(h))
         if targets is None:
             return (logits, None, mixing) if return_mixing else logits

@@ -113,6 +113,17 @@ class ResidualStream(nn.Module):
         return []
 
 
+def outside_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """The context every stream call runs in: autocast off. Under mixed precision
+    (``train.dtype=bf16``) the sublayers compute in bfloat16 and return bfloat16, while depth
+    mixing keeps its statistics (softmax, RMS, coefficients) in float32 and its state in the
+    dtype PreNorm's running sum h + y would have (float32: the embedding is float32), so no
+    kind accumulates its residual in bfloat16. Streams therefore take sources of mixed dtypes."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()  # no autocast here (or none for this device, e.g. meta)
+
+
 def stats_dtype(x: Tensor) -> torch.dtype:
     """float32 at least: softmax and RMS statistics never run in half precision."""
     return torch.promote_types(x.dtype, torch.float32)

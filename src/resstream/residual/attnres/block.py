@@ -25,8 +25,8 @@ from torch import Tensor
 
 from resstream.config import require
 from resstream.residual.attnres.full import FullOptions
-from resstream.residual.attnres.kernels import (as_source, mix_values, normed_logit_columns, softmax_mixture,
-                                                source_logit, source_rstd)
+from resstream.residual.attnres.kernels import (as_source, mix_dtype, mix_values, normed_logit_columns,
+                                                softmax_mixture, source_logit, source_rstd)
 from resstream.residual.attnres.phases import Phase1, Phase2, merge
 from resstream.residual.attnres.queries import PseudoQueries
 from resstream.residual.attnres.recompute import RecomputesInput
@@ -135,9 +135,9 @@ class BlockAttnRes(RecomputesInput, PseudoQueries):
         _, lse, alpha = state["phase1"]
         a = alpha[..., i, :].detach()  # small; the phase-1 outputs themselves are not kept
         if i == 0:
-            return lambda: mix_values(a.to(blocks[0].dtype), blocks)
+            return lambda: mix_values(a.to(mix_dtype(blocks)), blocks)
         p, q, lse_i = state["partial"], state["q"][l].detach(), lse[..., i].detach()
-        return lambda: merge(mix_values(a.to(p.dtype), blocks), p, q, lse_i, self.eps)[0]
+        return lambda: merge(mix_values(a.to(mix_dtype(blocks)), blocks), p, q, lse_i, self.eps)[0]
 
     def source_names(self, l: int) -> list[str]:
         if l >= self.n_sublayers:

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from resstream.residual.attnres.kernels import as_source, mix_values, normed_logit_columns, softmax_mixture
+from resstream.residual.attnres.kernels import as_source, mix_dtype, mix_values, normed_logit_columns, softmax_mixture
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
 from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
@@ -97,6 +97,6 @@ class FullAttnRes(RecomputesInput, SourceHistory):
         cols = [c[l - i].detach() for i, c in enumerate(state["logits"])]  # views of kept caches
 
         def recompute() -> Tensor:  # the forward's ops on the same inputs: bitwise the same
-            return mix_values(torch.softmax(torch.stack(cols, dim=-1), dim=-1).to(values[0].dtype), values)
+            return mix_values(torch.softmax(torch.stack(cols, dim=-1), dim=-1).to(mix_dtype(values)), values)
 
         return recompute

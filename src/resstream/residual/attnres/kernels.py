@@ -36,9 +36,26 @@ def source_logit(v: Tensor, rstd: Tensor, q: Tensor) -> Tensor:
     return (v.to(dt) @ q.to(dt)) * rstd
 
 
+def mix_dtype(values: tuple[Tensor, ...] | list[Tensor]) -> torch.dtype:
+    """The dtype of a mixture of ``values``: their promotion, as PreNorm's running sum h + y
+    would have it. Under autocast the embedding is float32 and sublayer outputs bfloat16, so
+    mixtures (the next sublayer's input) stay float32, like PreNorm's residual stream."""
+    dt = values[0].dtype
+    for v in values[1:]:
+        dt = torch.promote_types(dt, v.dtype)
+    return dt
+
+
+def dot(g: Tensor, v: Tensor) -> Tensor:
+    """<g, v> over the model dimension per token, in float32 or wider whatever the two dtypes."""
+    dt = torch.promote_types(stats_dtype(g), v.dtype)
+    return torch.linalg.vecdot(g.to(dt), v.to(dt))
+
+
 def mix_values(a: Tensor, values: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-    """sum_i a[..., i] v_i with one in-place multiply-add per source (no autograd; a in the values'
-    dtype). The one forward formula of every mixture, so that recomputing one is bitwise exact."""
+    """sum_i a[..., i] v_i with one in-place multiply-add per source (no autograd; a in
+    ``mix_dtype(values)``). The one forward formula of every mixture, so that recomputing one is
+    bitwise exact."""
     h = values[0] * a[..., 0:1]
     for i in range(1, len(values)):
         h.addcmul_(values[i], a[..., i : i + 1])
@@ -92,7 +109,7 @@ class WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha: Tensor, *values: Tensor) -> Tensor:
-        a = alpha.to(values[0].dtype)
+        a = alpha.to(mix_dtype(values))
         ctx.save_for_backward(a, *values)
         ctx.alpha_dtype = alpha.dtype
         return mix_values(a, values)
@@ -102,8 +119,9 @@ class WeightedSum(torch.autograd.Function):
         a, *values = ctx.saved_tensors
         galpha = None
         if ctx.needs_input_grad[0]:
-            galpha = torch.stack([torch.linalg.vecdot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
-        gvs = [gh * a[..., i : i + 1] if ctx.needs_input_grad[i + 1] else None for i in range(len(values))]
+            galpha = torch.stack([dot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
+        gvs = [(gh * a[..., i : i + 1]).to(v.dtype) if ctx.needs_input_grad[i + 1] else None
+               for i, v in enumerate(values)]
         return galpha, *gvs
 
 
@@ -137,18 +155,18 @@ class Source(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v: Tensor, sums: GradSums, i: int) -> Tensor:
-        ctx.sums, ctx.i = sums, i
+        ctx.sums, ctx.i, ctx.dtype = sums, i, v.dtype
         ctx.set_materialize_grads(False)
         return v.view_as(v)
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
-        acc = None
+        acc = None  # in the readers' (mixture) dtype, cast to the source's once at the end
         for a, gx in ctx.sums.parts.pop(ctx.i, []):
             acc = gx * a if acc is None else acc.addcmul_(gx, a)
         if g is not None:
             acc = g if acc is None else acc.add_(g)
-        return acc, None, None
+        return (None if acc is None else acc.to(ctx.dtype)), None, None
 
 
 def as_source(v: Tensor, sums: GradSums | None, i: int) -> Tensor:
@@ -163,7 +181,7 @@ class ReadAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha: Tensor, sums: GradSums, ids: tuple[int, ...] | None, *values: Tensor) -> Tensor:
-        a = alpha.to(values[0].dtype)
+        a = alpha.to(mix_dtype(values))
         ctx.save_for_backward(a, *values)
         ctx.alpha_dtype, ctx.sums, ctx.ids = alpha.dtype, sums, ids
         return mix_values(a, values)
@@ -171,7 +189,7 @@ class ReadAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gh: Tensor):
         a, *values = ctx.saved_tensors
-        galpha = torch.stack([torch.linalg.vecdot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
+        galpha = torch.stack([dot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
         for k, i in enumerate(ctx.ids if ctx.ids is not None else range(len(values))):
             ctx.sums.parts.setdefault(i, []).append((a[..., k : k + 1], gh))
         return galpha, None, None, *([None] * len(values))

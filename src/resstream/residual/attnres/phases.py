@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resstream.residual.attnres.kernels import GradSums, mix_values
+from resstream.residual.attnres.kernels import GradSums, dot, mix_dtype, mix_values
 
 
 def merge(o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -20,7 +20,14 @@ def merge(o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float) -> tuple[Ten
     r = torch.rsqrt(torch.linalg.vector_norm(p_, dim=-1).square() / p.shape[-1] + eps)  # [B, T]
     s = (p_ @ q.to(dt)) * r
     gate = torch.sigmoid(s - lse)
-    return torch.lerp(o, p, gate.unsqueeze(-1).to(o.dtype)), r, s, gate
+    return lerp(o, p, gate), r, s, gate
+
+
+def lerp(o: Tensor, p: Tensor, gate: Tensor) -> Tensor:
+    """o + gate (p - o) in the mixture dtype of o and p (under autocast o, a mixture holding the
+    embedding, is float32 and p, a sum of sublayer outputs, bfloat16)."""
+    dt = mix_dtype((o, p))
+    return torch.lerp(o.to(dt), p.to(dt), gate.unsqueeze(-1).to(dt))
 
 
 class Phase1(torch.autograd.Function):
@@ -35,7 +42,7 @@ class Phase1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: Tensor, sums: GradSums | None, *blocks: Tensor) -> tuple[Tensor, ...]:
-        a = A.to(blocks[0].dtype)
+        a = A.to(mix_dtype(blocks))
         ctx.save_for_backward(a, *blocks)
         ctx.A_dtype, ctx.sums = A.dtype, sums
         ctx.set_materialize_grads(False)
@@ -51,12 +58,13 @@ class Phase1(torch.autograd.Function):
             if g is None:  # an output nobody read
                 continue
             for j, b in enumerate(blocks):
-                gA[..., s, j] = torch.linalg.vecdot(g, b)
+                gA[..., s, j] = dot(g, b)
                 w = a[..., s, j : j + 1]
                 if sums is not None:  # the block's Source adds it up with its other readers'
                     sums.parts.setdefault(j, []).append((w, g))
                 else:
                     gbs[j] = g * w if gbs[j] is None else gbs[j].addcmul_(g, w)
+        gbs = [None if g is None else g.to(b.dtype) for g, b in zip(gbs, blocks)]
         return gA.to(ctx.A_dtype), None, *gbs
 
 
@@ -77,7 +85,7 @@ class Phase2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o, p, q, lse, eps, recompute, a_row, *blocks):
         x, r, s, gate = merge(o, p, q, lse, eps)
-        ctx.recompute = recompute
+        ctx.recompute, ctx.o_dtype = recompute, o.dtype
         ctx.save_for_backward(p, q, r, s, gate, *((a_row, *blocks) if recompute else (x,)))
         return x
 
@@ -86,15 +94,16 @@ class Phase2(torch.autograd.Function):
         p, q, r, s, gate, *rest = ctx.saved_tensors
         if ctx.recompute:
             a_row, *blocks = rest
-            x = torch.lerp(mix_values(a_row.to(p.dtype), blocks), p, gate.unsqueeze(-1).to(p.dtype))
+            x = lerp(mix_values(a_row.to(mix_dtype(blocks)), blocks), p, gate)
         else:
             (x,) = rest
         dt = gate.dtype
         gp = gx * gate.unsqueeze(-1).to(gx.dtype)
         go = gx - gp
-        dz = gate * (torch.linalg.vecdot(gx, p) - torch.linalg.vecdot(gx, x)).to(dt)  # [B, T]
+        dz = gate * (dot(gx, p) - dot(gx, x)).to(dt)  # [B, T]
         dr = dz * r  # gradient of p · q per token
         gq = (p.to(dt).reshape(-1, p.shape[-1]).t() @ dr.reshape(-1)).to(q.dtype)
         gp.addcmul_(dr.unsqueeze(-1).to(gp.dtype), q.to(gp.dtype))
         gp.addcmul_(p, (-dz * r.square() * s / p.shape[-1]).unsqueeze(-1).to(gp.dtype))
-        return go, gp, gq, -dz, None, None, None, *([None] * (len(rest) - 1 if ctx.recompute else 0))
+        return (go.to(ctx.o_dtype), gp.to(p.dtype), gq, -dz, None, None, None,
+                *([None] * (len(rest) - 1 if ctx.recompute else 0)))

@@ -137,7 +137,10 @@ class Streams(ResidualStream):
         *lead, n, D = carry.shape
         # H = carry + post (outer) y as one fused batched matmul-add per token: its backward
         # is two batched matmuls instead of broadcast products and reductions.
-        H = torch.baddbmm(carry.flatten(0, -3), post.view(-1, n, 1), y.reshape(-1, 1, D)).view(*lead, n, D)
+        # In the dtype of carry + y (float32 under autocast: see base.outside_autocast).
+        dt = torch.promote_types(carry.dtype, y.dtype)
+        H = torch.baddbmm(carry.flatten(0, -3).to(dt), post.view(-1, n, 1).to(dt), y.reshape(-1, 1, D).to(dt))
+        H = H.view(*lead, n, D)
         if l + 1 < self.n_sublayers:
             return self._prepare(state, H, l + 1)
         return {**state, "l": None, "x": None, "carry": None, "post": None, "H": H}
