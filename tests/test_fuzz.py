@@ -98,3 +98,26 @@ def test_train_command_lines_exit_cleanly(monkeypatch, capsys, pieces):
         assert err.startswith("resstream: error: ") and err.count("\n") == 1, (argv, err)
     else:
         _check_accepted(seen[-1])
+
+
+SPEC_PIECES = st.sampled_from(["prenorm", "attnres", "block_attnres", "hc", "mhc", "nope", "", ":", ",", "=",
+                               "block_size=4", "n_streams=0", "window=", "recompute=true", "x=1", "kind=hc", " "])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(SPEC_PIECES, max_size=6).map("".join) | st.text(max_size=20),
+       st.one_of(st.none(), st.integers(min_value=-5, max_value=2**70)),
+       st.one_of(st.none(), st.integers(min_value=-5, max_value=2**70)),
+       st.one_of(st.none(), st.integers(min_value=-5, max_value=2**70)))
+def test_compare_plans_give_runs_or_one_clean_line(residuals, seeds, steps, tokens):
+    """`compare --residuals/--seeds/--steps/--tokens`: a plan of valid runs, or one ConfigError line."""
+    from resstream.compare.run import CompareOptions, plan
+
+    base = load_run_config(None, [], preset="tiny")
+    try:
+        cfg, kinds, seed_list = plan(base, CompareOptions(residuals=residuals, seeds=seeds, steps=steps, tokens=tokens))
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert kinds and seed_list and len(seed_list) <= 1000
+    _check_accepted(cfg)

@@ -5,8 +5,9 @@ produced (metrics, status, checkpoints, logits of the generated text's model).
     python tools/fuzz_runs.py [--cases 1000] [--seed 0] [--out fuzz-report.json]
 
 Each case draws 1-4 overrides over a tiny base run (d_model 32, 2 layers, 3 steps). Values are
-drawn per field type from edge values (bounds, zero, one, huge, nan, inf, wrong types) and,
-for a share of cases, free text. Outcomes:
+drawn per field type: in half of the cases from edge values (bounds, zero, one, huge, nan, inf,
+wrong types, junk text), in the other half from plausible ranges (more configs get to run).
+Outcomes:
 
     refused    one clean line (ConfigError / CheckpointError / ValueError), as the CLI prints it
     trained    a run that trained (at most STOP_AFTER steps: train.steps may be huge), evaluated,
@@ -59,11 +60,12 @@ STRINGS = {"train.schedule": ["cosine", "linear", "constant", "step"], "train.de
            "model.residual.kind": [*available_kinds(), "nope"]}
 
 
-def draw_value(rng: random.Random, key: str, tp) -> str:
-    """An override value (TOML text) for ``key`` of annotation ``tp``."""
+def draw_value(rng: random.Random, key: str, tp, plausible: bool) -> str:
+    """An override value (TOML text) for ``key`` of annotation ``tp``; ``plausible``: no junk and
+    no edge values, so that more configs are accepted and run."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     base = args[0] if args else tp
-    roll = rng.random()
+    roll = 1.0 if plausible else rng.random()
     if roll < 0.08:
         return rng.choice(["\"x\"", "true", "[1, 2]", "none", "{", "1e", "\"\"", "-"])
     if key in STRINGS:
@@ -81,11 +83,13 @@ def draw_value(rng: random.Random, key: str, tp) -> str:
 
 
 def draw_overrides(rng: random.Random, fields: dict) -> list[str]:
+    """1-4 overrides; half of the cases draw plausible values only (see draw_value)."""
     keys = [k for k in fields if k not in SKIP]
     picked = rng.sample(keys, rng.randint(1, 4))
     if rng.random() < 0.5:  # keep the kinds in play
         picked.append("model.residual.kind")
-    return [f"{k}={draw_value(rng, k, fields[k])}" for k in dict.fromkeys(picked)]
+    plausible = rng.random() < 0.5
+    return [f"{k}={draw_value(rng, k, fields[k], plausible)}" for k in dict.fromkeys(picked)]
 
 
 def _finite_run(run: Path) -> str | None:
@@ -148,6 +152,7 @@ def main() -> int:
     torch.set_num_threads(1)
     rng, fields = random.Random(args.seed), run_config_fields()
     counts: dict[str, int] = {}
+    reasons: dict[str, int] = {}  # refusals by the field (or phrase) their message starts with
     bugs, t0 = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.cases):
@@ -156,12 +161,16 @@ def main() -> int:
                 print(f"[{i}] {overrides}", file=sys.stderr, flush=True)
             outcome, detail = run_case(overrides, Path(tmp))
             counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "refused":
+                reason = detail.split(":")[0].split("=")[0][:60]
+                reasons[reason] = reasons.get(reason, 0) + 1
             if outcome in ("traceback", "nonfinite"):
                 bugs.append({"case": i, "overrides": overrides, "outcome": outcome, "detail": detail})
                 print(f"[{i}] {outcome}: {overrides} -> {detail}", file=sys.stderr)
             if (i + 1) % 50 == 0:
                 print(f"{i + 1}/{args.cases} cases, {time.time() - t0:.0f} s: {counts}", file=sys.stderr)
-    report = {"cases": args.cases, "seed": args.seed, "counts": counts, "bugs": bugs, "wall_s": time.time() - t0}
+    report = {"cases": args.cases, "seed": args.seed, "counts": counts, "bugs": bugs, "wall_s": time.time() - t0,
+              "refusals": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("cases", "seed", "counts", "wall_s")}))
     return 1 if bugs else 0

@@ -35,7 +35,10 @@ class ConfigError(ValueError):
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 MAX_SEED = INT_MAX  # torch.manual_seed and numpy take non-negative 64-bit seeds
 MAX_LR = 10.0
-MAX_VOCAB = 2**31 - 1
+MAX_SEEDS = 1000  # seeds per kind in a comparison; every one is a training run
+# Past the largest tokenizers in use (~256k); BPE training allocates per vocabulary entry
+# (a vocab_size of 10**9 made the tokenizers library abort the process asking for 70 GB).
+MAX_VOCAB = 2**20
 # train.dtype: the autocast precision; names accepted -> the torch dtype's name
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -180,7 +183,7 @@ class DataConfig(ConfigBase):
         require(bool(self.corpus), "data.corpus: must name a corpus (kjv, python-stdlib, a path, or hf:NAME)")
         require(self.vocab_size >= 260, f"data.vocab_size: must be >= 260 (256 bytes + specials), got {self.vocab_size}")
         require(0.0 < self.val_fraction < 1.0, f"data.val_fraction: must be in (0, 1), got {self.val_fraction}")
-        require(self.vocab_size <= MAX_VOCAB, f"data.vocab_size: must be <= {MAX_VOCAB} (token ids are stored as 32-bit), got {self.vocab_size}")
+        require(self.vocab_size <= MAX_VOCAB, f"data.vocab_size: must be <= {MAX_VOCAB}, got {self.vocab_size}")
         require(self.max_bytes is None or self.max_bytes > 0, f"data.max_bytes: must be > 0, got {self.max_bytes}")
         require(bool(self.text_field), "data.text_field: must name a column")
 
@@ -247,7 +250,7 @@ class CompareConfig(ConfigBase):
 
     def validate(self) -> None:
         require(len(self.residuals) >= 1, "compare.residuals: name at least one residual kind")
-        require(self.seeds >= 1, f"compare.seeds: must be >= 1, got {self.seeds}")
+        require(1 <= self.seeds <= MAX_SEEDS, f"compare.seeds: must be in [1, {MAX_SEEDS}], got {self.seeds}")
         require(self.depth_batches >= 1, f"compare.depth_batches: must be >= 1, got {self.depth_batches}")
 
 

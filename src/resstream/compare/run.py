@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from resstream.config import ConfigError, apply_overrides
+from resstream.config import MAX_SEEDS, ConfigError, apply_overrides
 from resstream.residual.config import parse_specs, spec_label
 from resstream.runs.config import RunConfig
 
@@ -48,8 +48,8 @@ def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[st
         raise ConfigError("--residuals: empty; name at least one residual kind (`resstream kinds` lists them)")
     kinds = parse_specs(opts.residuals if opts.residuals is not None else list(cfg.compare.residuals))
     n_seeds = opts.seeds if opts.seeds is not None else cfg.compare.seeds
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds: must be >= 1, got {n_seeds}")
+    if not 1 <= n_seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds: must be in [1, {MAX_SEEDS}], got {n_seeds}")
     overrides = []
     if opts.steps is not None:
         if opts.steps < 1:
