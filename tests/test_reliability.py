@@ -348,7 +348,7 @@ def test_sigkill_during_save_resumes_exactly(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert list((run / "checkpoints").glob(".tmp-step_000010-*")) and (run / ".lock").exists()
-    assert status(run)["status"] == "running"
+    assert status(run) == {"status": "running", "last_good_step": 5}
     res = train(c, run, resume=True, **QUIET)
     assert res.status == "finished" and not list((run / "checkpoints").glob(".tmp-*"))
     _, _, a, _ = latest_good_checkpoint(straight)

@@ -220,6 +220,7 @@ def _save(s: Session, step: int, w: _Window) -> bool:
         tc = s.cfg.train
         extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash(), "window": w.saved()}
         save_checkpoint(s.out, step, s.model, s.opt, extra, tc.keep_last)
+        folder.write_status(s.out, "running", step)  # a killed run's status still names its newest checkpoint
     return True
 
 
