@@ -247,3 +247,28 @@ def test_tune_allocator_is_idempotent_and_says_what_it_did():
     assert tune_allocator() == first
     if os.uname().sysname == "Linux" and "MALLOC_MMAP_MAX_" not in os.environ:
         assert "glibc" in first
+
+
+def test_whole_model_compile_first_step_is_reported_apart(tmp_path, monkeypatch):
+    """With train.compile the first step of a call is compilation: its time goes to compile_s and
+    it is not a timed step (stand-in: a 'compiled' model whose first call takes a second)."""
+    import resstream.train.loop as loop
+
+    def fake_compile(model):
+        calls = [0]
+
+        def run(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1:
+                time.sleep(1.0)
+            return model(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(loop.torch, "compile", fake_compile)
+    run_cfg = cfg(**{"train.steps": 4, "train.log_every": 4})
+    run_cfg.train.compile = True
+    res = train(run_cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert res.compile_s >= 1.0
+    window_s = 3 * (4 * 32) / metrics(tmp_path / "run")[-1]["tokens_per_s"]  # 3 timed steps of 4 x 32 tokens
+    assert window_s < 1.0

@@ -59,6 +59,8 @@ class _Window:
     time: float = 0.0
     total_time: float = 0.0  # training time of every step of this call
     compile_s: float = 0.0  # compilation inside those steps, counted apart
+    timed: int = 0  # steps of the window whose time counts (not a step that was all compilation)
+    timed_this_call: int = 0
     steps_this_call: int = 0
     last_val: tuple = field(default=(None, None))
 
@@ -139,8 +141,9 @@ def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_st
     tokens_per_step = tc.batch_size * tc.seq_len
     row: dict = {}
     if step % tc.log_every == 0 or step == tc.steps:
-        row.update(train_loss=w.loss / w.steps, lr=lr, grad_norm=grad_norm, tokens_per_s=w.steps * tokens_per_step / w.time)
-        w.loss, w.steps, w.time = 0.0, 0, 0.0
+        tps = w.timed * tokens_per_step / w.time if w.timed else None
+        row.update(train_loss=w.loss / w.steps, lr=lr, grad_norm=grad_norm, **({"tokens_per_s": tps} if tps else {}))
+        w.loss, w.steps, w.time, w.timed = 0.0, 0, 0.0, 0
     if step % tc.eval_every == 0 or step == tc.steps:
         w.last_val = evaluate(s.model, s.vbatches, s.token_bytes, s.device, s.dtype, s.d)
         row.update(val_loss=w.last_val[0], val_bpb=w.last_val[1])
@@ -176,13 +179,14 @@ def _run(s: Session, step: int, progress: bool, stop_after: int | None) -> RunRe
             s.opt.step()
             s.opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            # one-time compilation is reported apart: the compiled mixing counts its own, and
-            # with train.compile the first step of a call is mostly compilation
-            compiling = dt if tc.compile and w.steps_this_call == 0 else compile_seconds() - c0
-            dt, w.compile_s = max(dt - compiling, 1e-9), w.compile_s + compiling
+            # one-time compilation is reported apart: the compiled mixing counts its own, and with
+            # train.compile the first step of a call is all compilation (and not a timed step)
+            compiling = dt if tc.compile and w.steps_this_call == 0 else min(dt, compile_seconds() - c0)
+            timed = int(compiling < dt)
+            dt, w.compile_s = dt - compiling, w.compile_s + compiling
             step, last_good = step + 1, step + 1
-            w.total_time, w.steps_this_call = w.total_time + dt, w.steps_this_call + 1
-            w.loss, w.steps, w.time = w.loss + train_loss, w.steps + 1, w.time + dt
+            w.total_time, w.steps_this_call, w.timed_this_call = w.total_time + dt, w.steps_this_call + 1, w.timed_this_call + timed
+            w.loss, w.steps, w.time, w.timed = w.loss + train_loss, w.steps + 1, w.time + dt, w.timed + timed
             row = _record(s, step, w, lr, grad_norm, t_start)
             if row and d.is_main:
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_bpb") if k in row}
@@ -206,7 +210,7 @@ def _finish(s: Session, status: str, step: int, last_good: int, w: _Window, t_st
         _save(s, step)
     wall = time.perf_counter() - t_start
     tokens_per_step = s.cfg.train.batch_size * s.cfg.train.seq_len
-    tps = (w.steps_this_call * tokens_per_step / w.total_time) if w.total_time > 0 else 0.0
+    tps = (w.timed_this_call * tokens_per_step / w.total_time) if w.total_time > 0 else 0.0
     if s.d.is_main:
         folder.write_status(s.out, status, last_good, val_bpb=w.last_val[1], tokens_per_s=tps, wall_s=wall, compile_s=w.compile_s)
     return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall,
