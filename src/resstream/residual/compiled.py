@@ -95,7 +95,7 @@ def _eligible(args: tuple) -> torch.device | None:
 
 
 def _signature(args: tuple) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 class Kernel:
@@ -139,7 +139,10 @@ class Kernel:
             return self._compiled(*args)
         t0 = time.perf_counter()
         try:
-            out = self._compiled(*args)
+            # a kernel meets a few dtype mixes and shapes (autocast, evaluation batches): allow
+            # more graphs per kernel than dynamo's default of 8 before giving up on it
+            with torch._dynamo.config.patch(recompile_limit=64):
+                out = self._compiled(*args)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say it once)
             if _state["mode"] == "on":
                 raise
