@@ -1,34 +1,32 @@
-"""Shared benchmark machinery: allocator settings, variants, the interleaved timing loop, and
-peak memory measured in a fresh process per variant.
+"""Shared benchmark machinery: variants and their code paths, one training step, the
+interleaved timing loop, and peak memory measured in a fresh process per variant.
 
-Used by ``step_time.py`` and ``mfu.py``. Run as a script only as the memory child
-(``harness.py --memory-child JSON``), which the parent starts itself.
+Used by ``step_time.py``, ``mfu.py`` and ``mixing_cost.py``. Run as a script only as the
+memory child (``harness.py --memory-child JSON``), which the parent starts itself.
+
+Paths (the ``path`` column): ``default`` is what ``LM(cfg)`` does with no setting (the depth
+mixing compiled where resstream.residual.compiled's "auto" mode compiles it: on CUDA; eager
+on CPU); ``eager`` and ``mixing`` force the eager or the compiled depth mixing; ``compiled``
+is the whole model under torch.compile (``train.compile=true``). The variant ``gpt`` is the
+plain nanoGPT-style PreNorm GPT of reference_gpt.py, the floor.
 
 Timing protocol: every variant lives in the same process; one round times one training step
 (forward + backward + AdamW step) of each variant, the starting variant rotating from round
-to round, so that drift from other processes on shared cores hits all variants alike. The
-first ``warmup`` rounds are discarded. Reported: the median and IQR of each variant's step
-times, and the median (and IQR) of the per-round ratio to PreNorm, a paired statistic.
+to round, so that drift from other processes hits all variants alike. The first ``warmup``
+rounds are discarded (their compilation is counted apart, see Runner.compile_s). Reported:
+the median and IQR of each variant's step times, and the median of the per-round ratio to
+PreNorm on the same path, a paired statistic.
 
-Peak memory: each variant runs again in a fresh child process, so nothing one variant
-allocated can hide another's peak.
-- CUDA: ``torch.cuda.max_memory_allocated`` over model build and three training steps.
-- CPU, "alloc": bytes held by torch tensors at the peak of a training step, counted exactly
-  from the allocator's events under ``torch.profiler(profile_memory=True)`` (the CPU analogue of
-  max_memory_allocated): parameters + optimizer state + batch live before the step, plus the
-  highest running total of allocations minus frees during the step. Two unprofiled warm-up
-  steps come first, so AdamW's state exists.
-- CPU, "RSS": VmHWM - VmRSS of the child over build + two steps, the high-water mark reset
-  (``/proc/self/clear_refs``) just before the build (after one tiny step of the same kind has
-  loaded the kernels); includes allocator slack and fragmentation, so it depends on the glibc
-  settings printed in the header.
+Peak memory: each variant runs again in a fresh child process. CUDA:
+``torch.cuda.max_memory_allocated`` over build + three steps. CPU: bytes held by torch tensors
+at the peak of a step, counted from the allocator's events under the profiler (parameters,
+gradients and AdamW state included).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,22 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from alloc_env import ALLOC_ENV, allocator_settings, ensure_allocator_env  # noqa: F401
-
-# Import torch only after the re-exec decision: callers run ensure_allocator_env() first.
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:  # runnable from a fresh clone without installing
     sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import describe, machine_info  # noqa: E402,F401
+from reference_gpt import GPT  # noqa: E402
 from resstream import LM, ModelConfig, ResidualConfig  # noqa: E402
 from resstream.config import ConfigError, parse_value  # noqa: E402,F401  (parse_value: step_time's flags)
-from resstream.residual import available_kinds, format_spec, get_kind, parse_spec  # noqa: E402
+from resstream.residual import available_kinds, compiled, format_spec, get_kind, parse_spec  # noqa: E402
 from resstream.residual.config import split_specs  # noqa: E402
+from resstream.runtime import tune_allocator  # noqa: E402,F401
 
-
-# ----------------------------------------------------------------------------- shapes and variants
+REFERENCE = "gpt"  # the nanoGPT-style floor
+PATHS = ("default", "eager", "mixing", "compiled")
+MIXING_MODE = {"default": None, "eager": "off", "mixing": "on", "compiled": "off"}
 
 
 @dataclass
@@ -71,20 +71,29 @@ class Shape:
 
 @dataclass
 class Variant:
-    """One residual kind with its options, run on one code path."""
+    """One residual kind with its options (or the reference GPT), run on one code path."""
 
     kind: str
     options: dict[str, Any] = field(default_factory=dict)  # the kind's options (ResidualConfig fields)
     label_options: dict[str, Any] = field(default_factory=dict)  # the ones named in the label
-    compiled: bool = False
+    path: str = "default"
 
     @property
     def label(self) -> str:
+        if self.kind == REFERENCE:
+            return "gpt (nanoGPT-style floor)"
         return format_spec({"kind": self.kind, **self.label_options})
 
     @property
-    def path(self) -> str:
-        return "compiled" if self.compiled else "eager"
+    def compiled(self) -> bool:
+        return self.path == "compiled"
+
+    def path_name(self, device: torch.device) -> str:
+        """The path as run: for a kind that mixes depth, 'default' says what it resolved to."""
+        if self.path != "default" or self.kind == REFERENCE or not get_kind(self.kind).stream.mixes_depth:
+            return self.path
+        mode = compiled.get_mode()
+        return f"default ({'compiled' if mode == 'on' or (mode == 'auto' and device.type == 'cuda') else 'eager'} mixing)"
 
 
 def residual_fields() -> list[dataclasses.Field]:
@@ -96,27 +105,38 @@ def residual_fields() -> list[dataclasses.Field]:
     return list(out.values())
 
 
-def parse_variants(spec: str, common: dict[str, Any]) -> list[Variant]:
-    """'prenorm,block_attnres:block_size=8,recompute=true' -> Variants (the residual-spec grammar of
-    resstream.residual.config; unknown kinds and options rejected). ``common`` options apply to
-    every variant whose kind has them."""
+def parse_variants(spec: str, common: dict[str, Any], paths: tuple[str, ...] = ("default",)) -> list[Variant]:
+    """'prenorm,block_attnres:block_size=8' -> Variants on each of ``paths`` (the residual-spec grammar
+    of resstream.residual.config; ``gpt`` is the reference floor). ``common`` options apply to every
+    variant whose kind has them. Paths that change nothing for a kind (mixing for PreNorm) are run once."""
     out = []
     for item in split_specs(spec):
+        if item.strip() == REFERENCE:
+            out += [Variant(REFERENCE, path=p) for p in dict.fromkeys("compiled" if p == "compiled" else "default" for p in paths)]
+            continue
         try:
             own = parse_spec(item)
         except ConfigError as e:
             raise SystemExit(str(e)) from None
         kind = own.pop("kind")
         options = get_kind(kind).option_defaults()
-        out.append(Variant(kind, {**{k: v for k, v in common.items() if k in options}, **own}, own))
+        opts = {**{k: v for k, v in common.items() if k in options}, **own}
+        mixes = get_kind(kind).stream.mixes_depth
+        kind_paths = dict.fromkeys(p if mixes or p == "compiled" else "default" for p in paths)
+        out += [Variant(kind, opts, own, p) for p in kind_paths]
     return out
 
 
 def model_config(shape: Shape, v: Variant) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=shape.vocab, d_model=shape.d_model, n_layers=shape.layers, n_heads=shape.heads,
-        max_seq_len=shape.seq, residual=ResidualConfig(kind=v.kind, **v.options),
-    )
+    residual = ResidualConfig() if v.kind == REFERENCE else ResidualConfig(kind=v.kind, **v.options)
+    return ModelConfig(vocab_size=shape.vocab, d_model=shape.d_model, n_layers=shape.layers, n_heads=shape.heads,
+                       max_seq_len=shape.seq, residual=residual)
+
+
+def build_model(shape: Shape, v: Variant, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = model_config(shape, v)
+    return (GPT(cfg) if v.kind == REFERENCE else LM(cfg)).to(device)
 
 
 # ----------------------------------------------------------------------------- one training step
@@ -146,22 +166,36 @@ class Runner:
     optimizer: torch.optim.Optimizer
     flavour: str  # fused / foreach / for-loop AdamW
     batch: tuple[torch.Tensor, torch.Tensor]
+    compile_s: list[float] = field(default_factory=lambda: [0.0])  # one-time compilation, counted apart
+    first_steps_s: list[float] = field(default_factory=list)
 
 
 def build_runner(shape: Shape, v: Variant, device: torch.device, batch) -> Runner:
-    torch.manual_seed(0)
-    model = LM(model_config(shape, v)).to(device)
+    model = build_model(shape, v, device)
     opt, flavour = make_optimizer(model)
     fwd = torch.compile(model) if v.compiled else model
     idx, tgt = batch
+    mode = MIXING_MODE[v.path]
+    runner = Runner(v, model, lambda: None, opt, flavour, batch)
 
     def step() -> None:
-        _, loss = fwd(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        previous = compiled.get_mode()
+        if mode is not None:
+            compiled.set_mode(mode)
+        c0, t0 = compiled.compile_seconds(), time.perf_counter()
+        try:
+            _, loss = fwd(idx, tgt)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            compiled.set_mode(previous)
+        runner.compile_s[0] += compiled.compile_seconds() - c0
+        if len(runner.first_steps_s) < 2:  # whole-model compilation: the first step minus the second
+            runner.first_steps_s.append(time.perf_counter() - t0)
 
-    return Runner(v, model, step, opt, flavour, batch)
+    runner.step_fn = step
+    return runner
 
 
 def sync(device: torch.device) -> None:
@@ -206,8 +240,8 @@ def interleaved_timing(
     """Time each entry's callable once per round, rotating the starting entry every round.
 
     ``baseline`` maps a path to the index of the entry that ratios are taken against. ``clock``:
-    "wall", or "cpu" (this process's CPU time, all threads): on cores shared with other jobs,
-    CPU time with one thread counts the work done rather than the time spent waiting for a core.
+    "wall", or "cpu" (this process's CPU time, all threads: with one thread on a shared machine
+    it counts the work done rather than the time spent waiting for a core).
     """
     now = CLOCKS[clock]
     n = len(entries)
@@ -216,10 +250,9 @@ def interleaved_timing(
         round_t = [0.0] * n
         for j in range(n):
             i = (r + j) % n
-            fn = entries[i][2]
             sync(device)
             t0 = now()
-            fn()
+            entries[i][2]()
             sync(device)
             round_t[i] = now() - t0
         if r >= warmup:
@@ -228,65 +261,38 @@ def interleaved_timing(
         tag = "warm-up" if r < warmup else "timed"
         log(f"  round {r + 1}/{warmup + steps} ({tag}): " + "  ".join(f"{entries[i][0]}[{entries[i][1]}] {1e3 * round_t[i]:.0f}" for i in range(n)))
     out = [Timing(label, path, ts) for (label, path, _), ts in zip(entries, times)]
-    if baseline:
-        for t in out:
-            b = baseline.get(t.path)
-            if b is not None:
-                t.ratios = [a / c for a, c in zip(t.times, out[b].times)]
+    for t in out:
+        b = (baseline or {}).get(t.path)
+        if b is not None:
+            t.ratios = [a / c for a, c in zip(t.times, out[b].times)]
     return out
 
 
 # ----------------------------------------------------------------------------- peak memory (child process)
 
 
-def _proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _live_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer, batch) -> int:
     seen: set[int] = set()
+    tensors = [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)] + list(model.buffers()) + list(batch)
     total = 0
-
-    def add(t: torch.Tensor) -> None:
-        nonlocal total
+    for t in tensors:
         s = t.untyped_storage()
         if s.data_ptr() not in seen:
             seen.add(s.data_ptr())
             total += s.nbytes()
-
-    for p in model.parameters():
-        add(p)
-        if p.grad is not None:
-            add(p.grad)
-    for st in opt.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                add(v)
-    for b in model.buffers():
-        add(b)
-    for t in batch:
-        add(t)
     return total
 
 
 def memory_child(payload: dict) -> dict:
     """Build one variant in this fresh process and measure its peak (see module docstring)."""
     shape = Shape(**payload["shape"])
-    v = Variant(payload["kind"], payload["options"], {}, payload["compiled"])
+    v = Variant(payload["kind"], payload["options"], {}, payload["path"])
     device = torch.device(payload["device"])
     if payload.get("threads"):
         torch.set_num_threads(payload["threads"])
+    if payload.get("tune_allocator"):
+        tune_allocator()
     batch = make_batch(shape, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -294,71 +300,32 @@ def memory_child(payload: dict) -> dict:
         for _ in range(3):
             r.step_fn()
         sync(device)
-        return {"alloc_mib": torch.cuda.max_memory_allocated(device) / 2**20, "rss_mib": None,
-                "method": "torch.cuda.max_memory_allocated over build + 3 steps"}
+        return {"alloc_mib": torch.cuda.max_memory_allocated(device) / 2**20, "method": "torch.cuda.max_memory_allocated"}
     from torch.profiler import ProfilerActivity, profile
 
-    # One tiny step of the same kind first, so that lazily loaded kernels and thread pools
-    # are not counted as this variant's memory.
-    tiny = Shape(layers=1, d_model=2 * shape.heads * 2, heads=shape.heads, seq=8, batch=1, vocab=64)
-    build_runner(tiny, v, device, make_batch(tiny, device)).step_fn()
-    have_reset = _reset_hwm()
-    rss0 = _proc_status_kib("VmRSS")
     r = build_runner(shape, v, device, batch)
     for _ in range(2):
         r.step_fn()
-    rss_peak = _proc_status_kib("VmHWM") - rss0
     live = _live_bytes(r.model, r.optimizer, batch)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         r.step_fn()
-    events = sorted(
-        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     running = peak = 0
     for _, nb in events:
         running += nb
         peak = max(peak, running)
-    return {"alloc_mib": (live + peak) / 2**20, "rss_mib": rss_peak / 1024 if have_reset else None,
-            "step_alloc_mib": peak / 2**20, "live_before_step_mib": live / 2**20,
-            "method": "profiler allocator events (alloc); VmHWM - VmRSS after HWM reset (rss)"}
+    return {"alloc_mib": (live + peak) / 2**20, "method": "profiler allocator events"}
 
 
-def measure_memory(shape: Shape, v: Variant, device: torch.device, threads: int | None = None, timeout: float = 1800) -> dict:
-    payload = {"shape": dataclasses.asdict(shape), "kind": v.kind, "options": v.options,
-               "compiled": v.compiled, "device": str(device), "threads": threads}
+def measure_memory(shape: Shape, v: Variant, device: torch.device, threads: int | None = None,
+                   tune: bool = True, timeout: float = 1800) -> dict:
+    payload = {"shape": dataclasses.asdict(shape), "kind": v.kind, "options": v.options, "path": v.path,
+               "device": str(device), "threads": threads, "tune_allocator": tune}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(payload)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
     if res.returncode != 0:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-# ----------------------------------------------------------------------------- machine description
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        sha, dirty = "", False
-    info = {
-        "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-        "git": sha + ("-dirty" if dirty else ""), "allocator": allocator_settings(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def pick_device(name: str) -> torch.device:

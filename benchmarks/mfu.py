@@ -24,10 +24,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alloc_env import ensure_allocator_env  # noqa: E402  (before torch is imported)
-
-if __name__ == "__main__":
-    ensure_allocator_env()
 
 import json  # noqa: E402
 
@@ -75,13 +71,11 @@ def main() -> None:
     ap.add_argument("--gemm", type=int, default=2048, help="side of the square fp32 matmul that sets the peak")
     ap.set_defaults(memory=False)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shape, variants, device = ST.setup(args)
     batch = H.make_batch(shape, device)
     runners = [H.build_runner(shape, v, device, batch) for v in variants]
     info = H.machine_info(device)
-    ST.print_header(shape, info, {}, runners[0].flavour, args.clock)
+    ST.print_header(shape, info, runners[0].flavour, args.clock, args.allocator)
     flops_tok, n_matmul = model_flops_per_token(runners[0].model, shape)
     counted = [counted_step_flops(r) for r in runners]
     gemm, gemm_flops = gemm_entry(args.gemm, device)

@@ -15,10 +15,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alloc_env import ensure_allocator_env  # noqa: E402  (before torch is imported)
-
-if __name__ == "__main__":
-    ensure_allocator_env()
 
 import harness as H  # noqa: E402
 import step_time as ST  # noqa: E402
@@ -36,7 +32,17 @@ def stream_entry(shape: H.Shape, v: H.Variant, device: torch.device, emb: torch.
     scales = torch.ones(cfg.n_sublayers, device=device, requires_grad=True)
     L = cfg.n_sublayers
 
+    mode = H.MIXING_MODE[v.path]
+
     def run() -> None:
+        previous = H.compiled.get_mode()
+        H.compiled.set_mode(mode or previous)
+        try:
+            body()
+        finally:
+            H.compiled.set_mode(previous)
+
+    def body() -> None:
         e = emb.detach().requires_grad_()
         if stand_in_only:  # the stand-in sublayers chained on a plain tensor: their own cost
             h = e
@@ -62,22 +68,21 @@ def sublayer_entry(module: torch.nn.Module, x: torch.Tensor):
 
 def main() -> None:
     ap = ST.build_parser(__doc__.splitlines()[0])
-    ap.set_defaults(memory=False, steps=15)
+    ap.set_defaults(memory=False, steps=15, residuals="prenorm,attnres,block_attnres,mhc")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shape, variants, device = ST.setup(args)
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(shape.batch, shape.seq, shape.d_model, generator=g).to(device)
     cfg = H.model_config(shape, H.Variant("prenorm"))
-    entries = [(v.label, "stream", stream_entry(shape, v, device, emb)) for v in variants]
+    variants = [v for v in variants if v.kind != H.REFERENCE]
+    entries = [(f"{v.label} [{v.path}]", "stream", stream_entry(shape, v, device, emb)) for v in variants]
     entries.append(("stand-in only", "-", stream_entry(shape, variants[0], device, emb, stand_in_only=True)))
     entries.append(("one MLP sublayer", "-", sublayer_entry(MLP(cfg).to(device), emb)))
     entries.append(("one attention sublayer", "-", sublayer_entry(Attention(cfg).to(device), emb)))
     batch = H.make_batch(shape, device)
     pre = H.build_runner(shape, H.Variant("prenorm"), device, batch)
     entries.append(("PreNorm training step", "-", pre.step_fn))
-    ST.print_header(shape, H.machine_info(device), {}, pre.flavour, args.clock)
+    ST.print_header(shape, H.machine_info(device), pre.flavour, args.clock, args.allocator)
     timings = H.interleaved_timing(entries, args.steps, args.warmup, device, clock=args.clock)
     by = {t.label: t for t in timings}
     stand_in = by["stand-in only"].median

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# Child processes (CLI, torchrun) too: see _eager_mixing.
+os.environ["RESSTREAM_COMPILE_MIXING"] = "off"
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +21,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _eager_mixing():
+    """The suite runs the eager depth mixing: compiling kernels for every tiny test shape would
+    cost minutes. The compiled path has its own tests (tests/residual/test_compiled.py)."""
+    from resstream.residual import compiled
+
+    mode = compiled.get_mode()
+    compiled.set_mode("off")
+    yield
+    compiled.set_mode(mode)

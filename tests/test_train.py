@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,61 @@ def test_generate_from_a_run_whose_data_cache_is_gone(tmp_path, monkeypatch, cap
     assert out.getvalue() == "In the beginning" + text + "\n"
     code, err = run_cli(["generate", str(tmp_path / "nothing"), "--prompt", "x"], capsys)
     assert code == 2 and "not a resstream run folder" in err
+
+
+def test_compile_time_is_reported_apart(tmp_path, monkeypatch):
+    """Seconds spent compiling inside a step (residual/compiled.py counts them) go to compile_s
+    in status.json and the result, not into the step time behind tokens/s."""
+    import resstream.train.loop as loop
+
+    compiled_s = [0.0]
+    real_step = loop._step
+
+    def step(s, fwd, n):
+        out = real_step(s, fwd, n)
+        if n == 0:  # the first step compiles for 1 s
+            time.sleep(1.0)
+            compiled_s[0] += 1.0
+        return out
+
+    monkeypatch.setattr(loop, "_step", step)
+    monkeypatch.setattr(loop, "compile_seconds", lambda: compiled_s[0])
+    res = train(cfg(**{"train.steps": 4, "train.log_every": 4}), tmp_path / "run", progress=False, log=lambda s: None)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert res.compile_s == pytest.approx(1.0) and status["compile_s"] == pytest.approx(1.0)
+    window_s = 4 * (4 * 32) / metrics(tmp_path / "run")[-1]["tokens_per_s"]  # 4 steps of 4 x 32 tokens
+    assert window_s < 1.0  # four tiny steps, without the second of compilation
+
+
+def test_tune_allocator_is_idempotent_and_says_what_it_did():
+    from resstream import tune_allocator
+
+    first = tune_allocator()
+    assert tune_allocator() == first
+    if os.uname().sysname == "Linux" and "MALLOC_MMAP_MAX_" not in os.environ:
+        assert "glibc" in first
+
+
+def test_whole_model_compile_first_step_is_reported_apart(tmp_path, monkeypatch):
+    """With train.compile the first step of a call is compilation: its time goes to compile_s and
+    it is not a timed step (stand-in: a 'compiled' model whose first call takes a second)."""
+    import resstream.train.loop as loop
+
+    def fake_compile(model):
+        calls = [0]
+
+        def run(*a, **k):
+            calls[0] += 1
+            if calls[0] == 1:
+                time.sleep(1.0)
+            return model(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(loop.torch, "compile", fake_compile)
+    run_cfg = cfg(**{"train.steps": 4, "train.log_every": 4})
+    run_cfg.train.compile = True
+    res = train(run_cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert res.compile_s >= 1.0
+    window_s = 3 * (4 * 32) / metrics(tmp_path / "run")[-1]["tokens_per_s"]  # 3 timed steps of 4 x 32 tokens
+    assert window_s < 1.0

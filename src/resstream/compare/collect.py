@@ -34,7 +34,7 @@ def run_record(run_dir: Path, seed: int) -> dict:
         "final_val_bpb": curve[-1][1] if ok and curve else None,
         "tokens_per_s": sum(tps) / len(tps) if tps else None,
         "peak_mem_mb": max((r.get("peak_mem_mb", 0) for r in rows), default=None),
-        "wall_s": status.get("wall_s"), "curve": curve, "run_dir": str(run_dir),
+        "wall_s": status.get("wall_s"), "compile_s": status.get("compile_s"), "curve": curve, "run_dir": str(run_dir),
     }
 
 

@@ -60,7 +60,7 @@ def failure_text(run: dict) -> str:
 # ----------------------------------------------------------------------------- tables
 
 TABLE_HEADER = ["kind", "runs ok", "val bpb (mean ± std)", "Δ vs baseline", "p Welch", "p paired",
-                "params", "params added", "tokens/s", "peak mem MB", "wall s"]
+                "params", "params added", "tokens/s", "compile s", "peak mem MB", "wall s"]
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -75,7 +75,8 @@ def table_rows(summary: dict) -> list[list[str]]:
             "–" if label == base else fmt_p(s["p_welch"]),
             "–" if label == base else fmt_p(s["p_paired"]),
             _fmt(k.get("params"), ","), _fmt(k.get("params_added"), "+,"),
-            _fmt(s["tokens_per_s"], ",.0f"), _fmt(s["peak_mem_mb"], ",.0f"), _fmt(s["wall_s"], ",.1f"),
+            _fmt(s["tokens_per_s"], ",.0f"), _fmt(s.get("compile_s"), ",.1f"), _fmt(s["peak_mem_mb"], ",.0f"),
+            _fmt(s["wall_s"], ",.1f"),
         ])
     return rows
 

@@ -92,8 +92,8 @@ def summarize(summary: dict) -> dict:
     stats: bpb_mean, bpb_std, n_ok, n_runs, failed ([{seed, last_good_step, ...}]), baseline,
     delta_vs_baseline (mean of this kind minus mean of the baseline, bits per byte),
     p_welch / p_welch_note, p_paired / p_paired_note / n_pairs / paired_mean_diff, and the
-    means over ok runs of tokens_per_s, peak_mem_mb and wall_s. The baseline's own p-values
-    are None with the note "baseline".
+    means over ok runs of tokens_per_s, peak_mem_mb, wall_s and compile_s (one-time compilation,
+    not in tokens_per_s). The baseline's own p-values are None with the note "baseline".
     """
     base = baseline_label(summary)
     base_runs = ok_runs(summary["kinds"][base])
@@ -119,6 +119,7 @@ def summarize(summary: dict) -> dict:
             "tokens_per_s": _mean_of(runs, "tokens_per_s"),
             "peak_mem_mb": _mean_of(runs, "peak_mem_mb"),
             "wall_s": _mean_of(runs, "wall_s"),
+            "compile_s": _mean_of(runs, "compile_s"),
         }
         if label == base:
             s.update(p_welch=None, p_welch_note="baseline", p_paired=None, p_paired_note="baseline",

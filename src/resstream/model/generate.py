@@ -63,7 +63,8 @@ class DecodeCache:
     """Everything that persists across decoding steps: one KVCache per attention sublayer.
 
     ``layers[l]`` is sublayer l's KVCache, or None for sublayers without one (MLPs). No
-    residual state persists: see the module docstring.
+    residual state persists (see the module docstring); ``residual_scratch`` only lends the
+    stream's lean path (``ResidualStream.inference``) buffers to reuse from step to step.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_len: Optional[int] = None) -> None:
@@ -79,6 +80,7 @@ class DecodeCache:
             for s in model.sublayers
         ]
         self.max_len = max_len
+        self.residual_scratch: dict = {}
 
     @property
     def pos(self) -> int:

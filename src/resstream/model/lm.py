@@ -102,7 +102,7 @@ class LM(nn.Module):
         """
         if cache.pos + idx.shape[1] > cache.max_len:
             raise ValueError(f"decoding past the cache: {cache.pos} + {idx.shape[1]} positions > max_len={cache.max_len}")
-        stream = self.residual
+        stream = self.residual.inference(cache.residual_scratch)  # lean: no autograd, state in buffers
         state = stream.init(self.embed(idx))
         for l, sublayer in enumerate(self.sublayers):
             kv = cache.layers[l]

@@ -2,6 +2,7 @@
 
     base.py       the ResidualStream contract and the one registry (kind, options, reference)
     config.py     ResidualConfig (a kind and its options) and residual specs (kind:key=value,...)
+    compiled.py   compiled regions around the depth mixing, with a fallback to eager
     prenorm.py  dense.py  delta.py  scaled.py     small kinds, each with its float64 reference
     attnres/      Full and Block Attention Residuals, depth_swa
     hyper/        hyper-connections (hc) and mHC (mhc)

@@ -103,6 +103,13 @@ class ResidualStream(nn.Module):
     def finish(self, state: State) -> Tensor:
         return self.finish_weighted(state)[0]
 
+    def inference(self, scratch: dict | None = None) -> Any:
+        """The stream to run when no gradient is needed (``LM.decode``, under inference mode):
+        the same init / read / write / finish on the same parameters, free to keep its state in
+        buffers written in place and to reuse them across calls through ``scratch`` (a dict the
+        caller keeps for one generation). Default: this stream (see attnres/lean.py)."""
+        return self
+
     def input_hooks(self, state: State, l: int, x: Tensor) -> contextlib.AbstractContextManager:
         """Context the model runs sublayer l under, on x = read(state, l). Kinds that can
         recompute x in backward (``supports_recompute``) return autograd saved-tensor hooks."""

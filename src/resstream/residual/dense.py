@@ -108,6 +108,15 @@ class DenseFormer(ResidualStream):
         h = state["h"]
         return h, self._read_weights(l, h)
 
+    def read(self, state: State, l: int) -> Tensor:
+        return state["h"]  # read_weighted()[0], without building the weights nobody asked for
+
+    def finish(self, state: State) -> Tensor:
+        return state["h"]
+
+    def inference(self, scratch: dict | None = None) -> "DenseDecoder":
+        return DenseDecoder(self, {} if scratch is None else scratch)
+
     def write(self, state: State, l: int, y: Tensor) -> State:
         h = state["h"] + y  # PreNorm residual inside the block
         if l % 2 == 0:
@@ -131,3 +140,41 @@ class DenseFormer(ResidualStream):
         b = min(l, self.n_sublayers) // 2
         names = ["emb"] + [f"X{j}" for j in range(1, b + 1)]
         return names + [f"f{l - 1}"] if l < self.n_sublayers and l % 2 else names
+
+
+class DenseDecoder:
+    """DenseFormer's lean inference path (``LM.decode``): the block outputs X_j in one buffer
+    [B, T, n+1, D] (written once each, in place, reused across steps through ``scratch``) and
+    each DWA one matmul of its weights with the X_j written so far, instead of one multiply-add
+    per block output. A read's result is valid until the next DWA."""
+
+    def __init__(self, stream: DenseFormer, scratch: dict) -> None:
+        self.stream, self.scratch = stream, scratch
+
+    def init(self, emb: Tensor) -> State:
+        key = (id(self.stream), tuple(emb.shape), emb.dtype, emb.device)
+        if key not in self.scratch:
+            B, T, D = emb.shape
+            X = emb.new_empty(B, T, self.stream.n_blocks + 1, D)
+            # slot j, and slots 0..j as [B*T, j+1, D] for the DWA after block j
+            self.scratch[key] = (X.unbind(2), [X.view(B * T, -1, D)[:, : j + 1] for j in range(X.shape[2])])
+        slots, upto = self.scratch[key]
+        slots[0].copy_(emb)
+        return {"h": emb, "slots": slots, "upto": upto}
+
+    def read(self, state: State, l: int) -> Tensor:
+        return state["h"]
+
+    def write(self, state: State, l: int, y: Tensor) -> State:
+        h = state["h"] + y
+        if l % 2 == 0:
+            state["h"] = h
+            return state
+        j = l // 2 + 1  # block j is complete: X_j, then Y_j = sum_i a_ji X_i
+        state["slots"][j].copy_(h)
+        a = self.stream.dwa[j - 1]
+        state["h"] = torch.matmul(a if a.dtype == h.dtype else a.to(h.dtype), state["upto"][j]).view(h.shape)
+        return state
+
+    def finish(self, state: State) -> Tensor:
+        return state["h"]

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from resstream.data.batches import train_batch
+from resstream.residual.compiled import compile_seconds
 from resstream.runs import folder
 from resstream.config import ConfigError
 from resstream.runs.checkpoint import (
@@ -53,6 +54,7 @@ class RunResult:
     tokens_per_s: float
     peak_mem_mb: float
     wall_s: float
+    compile_s: float = 0.0  # one-time compilation, not counted in tokens_per_s
 
 
 @dataclass
@@ -65,17 +67,22 @@ class _Window:
     steps: int = 0
     time: float = 0.0
     total_time: float = 0.0  # training time of every step of this call
+    compile_s: float = 0.0  # compilation inside those steps, counted apart
+    timed: int = 0  # steps of the window whose time counts (not a step that was all compilation)
+    timed_this_call: int = 0
     steps_this_call: int = 0
     last_val: tuple = field(default=(None, None))
 
     def saved(self) -> dict:
-        return {"loss": self.loss, "steps": self.steps, "time": self.time, "last_val": list(self.last_val)}
+        return {"loss": self.loss, "steps": self.steps, "time": self.time, "timed": self.timed,
+                "last_val": list(self.last_val)}
 
     @classmethod
     def restored(cls, saved: dict | None) -> "_Window":
         saved = saved or {}
-        return cls(loss=float(saved.get("loss", 0.0)), steps=int(saved.get("steps", 0)), time=float(saved.get("time", 0.0)),
-                   last_val=tuple(saved.get("last_val", (None, None))))
+        steps = int(saved.get("steps", 0))
+        return cls(loss=float(saved.get("loss", 0.0)), steps=steps, time=float(saved.get("time", 0.0)),
+                   timed=int(saved.get("timed", steps)), last_val=tuple(saved.get("last_val", (None, None))))
 
 
 def train(cfg: RunConfig, out: Path | str | None = None, resume: bool = False, progress: bool = True,
@@ -194,8 +201,9 @@ def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_st
     tokens_per_step = tc.batch_size * tc.seq_len
     row: dict = {}
     if step % tc.log_every == 0 or step == tc.steps:
-        row.update(train_loss=w.loss / w.steps, lr=lr, grad_norm=grad_norm, tokens_per_s=w.steps * tokens_per_step / w.time)
-        w.loss, w.steps, w.time = 0.0, 0, 0.0
+        tps = w.timed * tokens_per_step / w.time if w.timed else None
+        row.update(train_loss=w.loss / w.steps, lr=lr, grad_norm=grad_norm, **({"tokens_per_s": tps} if tps else {}))
+        w.loss, w.steps, w.time, w.timed = 0.0, 0, 0.0, 0
     if step % tc.eval_every == 0 or step == tc.steps:
         w.last_val = evaluate(s.model, s.vbatches, s.token_bytes, s.device, s.dtype, s.d)
         row.update(val_loss=w.last_val[0], val_bpb=w.last_val[1])
@@ -236,7 +244,7 @@ def _run(s: Session, step: int, progress: bool, stop_after: int | None, w: _Wind
     status, last_good, t_start = "finished", step, time.perf_counter()
     try:
         while step < tc.steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), compile_seconds()
             train_loss, grad_norm, lr = _step(s, fwd, step)
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 status = "diverged"
@@ -245,9 +253,14 @@ def _run(s: Session, step: int, progress: bool, stop_after: int | None, w: _Wind
             s.opt.step()
             s.opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
+            # one-time compilation is reported apart: the compiled mixing counts its own, and with
+            # train.compile the first step of a call is all compilation (and not a timed step)
+            compiling = dt if tc.compile and w.steps_this_call == 0 else min(dt, compile_seconds() - c0)
+            timed = int(compiling < dt)
+            dt, w.compile_s = dt - compiling, w.compile_s + compiling
             step += 1
-            w.total_time, w.steps_this_call = w.total_time + dt, w.steps_this_call + 1
-            w.loss, w.steps, w.time = w.loss + train_loss, w.steps + 1, w.time + dt
+            w.total_time, w.steps_this_call, w.timed_this_call = w.total_time + dt, w.steps_this_call + 1, w.timed_this_call + timed
+            w.loss, w.steps, w.time, w.timed = w.loss + train_loss, w.steps + 1, w.time + dt, w.timed + timed
             row = _record(s, step, w, lr, grad_norm, t_start)
             if row and d.is_main:
                 bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "val_bpb") if k in row}
@@ -277,8 +290,9 @@ def _finish(s: Session, status: str, step: int, last_good: int, w: _Window, t_st
             status = "diverged"
     wall = time.perf_counter() - t_start
     tokens_per_step = s.cfg.train.batch_size * s.cfg.train.seq_len
-    tps = (w.steps_this_call * tokens_per_step / w.total_time) if w.total_time > 0 else 0.0
+    tps = (w.timed_this_call * tokens_per_step / w.total_time) if w.total_time > 0 else 0.0
     if s.d.is_main:
         folder.write_status(s.out, status, last_good, val_loss=w.last_val[0], val_bpb=w.last_val[1],
-                            tokens_per_s=tps, wall_s=wall)
-    return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall)
+                            tokens_per_s=tps, wall_s=wall, compile_s=w.compile_s)
+    return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall,
+                     w.compile_s)

@@ -19,6 +19,7 @@ from resstream.model.memory import check_memory
 from resstream.runs import folder
 from resstream.runs.config import RunConfig
 from resstream.runs.lock import RunLock
+from resstream.runtime import tune_allocator
 from resstream.train.distributed import Dist, barrier, init_distributed
 from resstream.train.optim import make_optimizer
 
@@ -91,6 +92,7 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     build the model: the same seed gives every residual kind the same non-residual weights (the
     stream initialises its own parameters after the rest), which sharpens paired comparisons."""
     tc = cfg.train
+    tune_allocator()  # activations reused from step to step instead of page-faulted in again
     d, device, dtype = _processes(cfg)
     out = Path(out) if out is not None else default_run_dir(cfg)
     say = log if d.is_main else (lambda s: None)

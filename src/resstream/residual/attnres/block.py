@@ -25,8 +25,9 @@ from torch import Tensor
 
 from resstream.config import require
 from resstream.residual.attnres.full import FullOptions
-from resstream.residual.attnres.kernels import (as_source, mix_dtype, mix_values, normed_logit_columns,
-                                                softmax_mixture, source_logit, source_rstd)
+from resstream.residual.attnres.fused import mix
+from resstream.residual.attnres.kernels import as_source, normed_logit_columns, softmax_mixture, source_logit, source_rstd
+from resstream.residual.attnres.lean import BlockDecoder
 from resstream.residual.attnres.phases import Phase1, Phase2, merge
 from resstream.residual.attnres.queries import PseudoQueries
 from resstream.residual.attnres.recompute import RecomputesInput
@@ -122,6 +123,9 @@ class BlockAttnRes(RecomputesInput, PseudoQueries):
             state["phase1"] = self._phase1(state, l + 1)
         return state
 
+    def inference(self, scratch: dict | None = None) -> BlockDecoder:
+        return BlockDecoder(self, {} if scratch is None else scratch)
+
     def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
         L = self.n_sublayers  # block j's columns start at row min(j*S, L): the last may be short
         z = [cols[L - min(j * self.S, L)] for j, cols in enumerate(state["logits"])]
@@ -135,9 +139,9 @@ class BlockAttnRes(RecomputesInput, PseudoQueries):
         _, lse, alpha = state["phase1"]
         a = alpha[..., i, :].detach()  # small; the phase-1 outputs themselves are not kept
         if i == 0:
-            return lambda: mix_values(a.to(mix_dtype(blocks)), blocks)
+            return lambda: mix(a, blocks)
         p, q, lse_i = state["partial"], state["q"][l].detach(), lse[..., i].detach()
-        return lambda: merge(mix_values(a.to(mix_dtype(blocks)), blocks), p, q, lse_i, self.eps)[0]
+        return lambda: merge(mix(a, blocks), p, q, lse_i, self.eps)[0]
 
     def source_names(self, l: int) -> list[str]:
         if l >= self.n_sublayers:

@@ -28,7 +28,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from resstream.residual.attnres.kernels import as_source, mix_dtype, mix_values, normed_logit_columns, softmax_mixture
+from resstream.residual.attnres.fused import mix
+from resstream.residual.attnres.kernels import as_source, normed_logit_columns, softmax_mixture
+from resstream.residual.attnres.lean import HistoryDecoder
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
 from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
@@ -61,6 +63,9 @@ class SourceHistory(PseudoQueries):
 
     def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
         return self._read_row(state, self.n_sublayers)
+
+    def inference(self, scratch: dict | None = None) -> HistoryDecoder:
+        return HistoryDecoder(self, {} if scratch is None else scratch)
 
     def write(self, state: State, l: int, y: Tensor) -> State:
         y = as_source(y, state["sums"], l + 1)
@@ -97,6 +102,6 @@ class FullAttnRes(RecomputesInput, SourceHistory):
         cols = [c[l - i].detach() for i, c in enumerate(state["logits"])]  # views of kept caches
 
         def recompute() -> Tensor:  # the forward's ops on the same inputs: bitwise the same
-            return mix_values(torch.softmax(torch.stack(cols, dim=-1), dim=-1).to(mix_dtype(values)), values)
+            return mix(torch.softmax(torch.stack(cols, dim=-1), dim=-1), values)
 
         return recompute

@@ -9,8 +9,9 @@ are memory-bound, so what counts is the number of passes over [B, T, D] tensors,
 - Logit cache (``NormedLogits``): when a source is written, its logits against every later
   query come from one [B,T,D] x [D,k] matmul, c = (v @ Q_later^T) / RMS(v). A read only
   gathers its column of each cache and takes a softmax over sources (``softmax_mixture``).
-- Weighted sum (``WeightedSum``): one in-place multiply-add per source forward
-  (``mix_values``), one dot and one scale per source backward.
+- Weighted sum (``WeightedSum``): the sources mixed by ``fused.mix`` (one fused pass per chunk
+  of sources where compiled, one multiply-add per source in eager), their weights' gradients
+  by ``fused.dots``, one scale per source backward.
 - Gradient sums (``GradSums``, ``Source``, ``ReadAll``): a source read by many mixtures would
   get a scaled copy of each reader's gradient, which autograd then adds up (two passes per
   reader). Instead the readers leave (weight, gradient) pairs and the source sums them once,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from resstream.residual.attnres.fused import dots, mix, mix_dtype
 from resstream.residual.base import stats_dtype
 
 
@@ -34,32 +36,6 @@ def source_logit(v: Tensor, rstd: Tensor, q: Tensor) -> Tensor:
     """q · RMSNorm(v) for one source, per token: [B, T]."""
     dt = stats_dtype(v)
     return (v.to(dt) @ q.to(dt)) * rstd
-
-
-def mix_dtype(values: tuple[Tensor, ...] | list[Tensor]) -> torch.dtype:
-    """The dtype of a mixture of ``values``: their promotion, as PreNorm's running sum h + y
-    would have it. Under autocast the embedding is float32 and sublayer outputs bfloat16, so
-    mixtures (the next sublayer's input) stay float32, like PreNorm's residual stream."""
-    dt = values[0].dtype
-    for v in values[1:]:
-        dt = torch.promote_types(dt, v.dtype)
-    return dt
-
-
-def dot(g: Tensor, v: Tensor) -> Tensor:
-    """<g, v> over the model dimension per token, in float32 or wider whatever the two dtypes."""
-    dt = torch.promote_types(stats_dtype(g), v.dtype)
-    return torch.linalg.vecdot(g.to(dt), v.to(dt))
-
-
-def mix_values(a: Tensor, values: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-    """sum_i a[..., i] v_i with one in-place multiply-add per source (no autograd; a in
-    ``mix_dtype(values)``). The one forward formula of every mixture, so that recomputing one is
-    bitwise exact."""
-    h = values[0] * a[..., 0:1]
-    for i in range(1, len(values)):
-        h.addcmul_(values[i], a[..., i : i + 1])
-    return h
 
 
 class NormedLogits(torch.autograd.Function):
@@ -109,17 +85,14 @@ class WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha: Tensor, *values: Tensor) -> Tensor:
-        a = alpha.to(mix_dtype(values))
-        ctx.save_for_backward(a, *values)
-        ctx.alpha_dtype = alpha.dtype
-        return mix_values(a, values)
+        ctx.save_for_backward(alpha, *values)
+        return mix(alpha, values)
 
     @staticmethod
     def backward(ctx, gh: Tensor):
-        a, *values = ctx.saved_tensors
-        galpha = None
-        if ctx.needs_input_grad[0]:
-            galpha = torch.stack([dot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
+        alpha, *values = ctx.saved_tensors
+        galpha = dots(gh, values).to(alpha.dtype) if ctx.needs_input_grad[0] else None
+        a = alpha.to(gh.dtype)
         gvs = [(gh * a[..., i : i + 1]).to(v.dtype) if ctx.needs_input_grad[i + 1] else None
                for i, v in enumerate(values)]
         return galpha, *gvs
@@ -135,11 +108,24 @@ def weighted_sum(alpha: Tensor, values: list[Tensor] | tuple[Tensor, ...]) -> Te
 
 class GradSums:
     """Readers leave here, per source id, the (weight, gradient) pairs that source gets from
-    them; ``Source`` then sums each source's gradient once, one multiply-add per reader,
-    instead of autograd receiving a scaled copy per reader and adding it (two passes)."""
+    them (weight [B, T, 1]); ``Source`` then sums each source's gradient once (``fused.mix``
+    over its readers), instead of autograd receiving a scaled copy per reader and adding it
+    (two passes per reader)."""
 
     def __init__(self) -> None:
         self.parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def add(self, i: int, weight: Tensor, grad: Tensor) -> None:
+        self.parts.setdefault(i, []).append((weight, grad))
+
+    def total(self, i: int, direct: Tensor | None) -> Tensor | None:
+        """The gradient of source i: its readers' parts, plus ``direct`` (what reached it otherwise)."""
+        parts = self.parts.pop(i, [])
+        if not parts:
+            return direct
+        weights = torch.cat([w for w, _ in parts], dim=-1)
+        grads = [g for _, g in parts]
+        return mix(weights, grads, None if direct is None else direct.to(mix_dtype(grads)))
 
 
 def new_grad_sums() -> GradSums | None:
@@ -161,12 +147,8 @@ class Source(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor | None):
-        acc = None  # in the readers' (mixture) dtype, cast to the source's once at the end
-        for a, gx in ctx.sums.parts.pop(ctx.i, []):
-            acc = gx * a if acc is None else acc.addcmul_(gx, a)
-        if g is not None:
-            acc = g if acc is None else acc.add_(g)
-        return (None if acc is None else acc.to(ctx.dtype)), None, None
+        total = ctx.sums.total(ctx.i, g)  # in the readers' (mixture) dtype; the source's once here
+        return (None if total is None else total.to(ctx.dtype)), None, None
 
 
 def as_source(v: Tensor, sums: GradSums | None, i: int) -> Tensor:
@@ -181,17 +163,16 @@ class ReadAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha: Tensor, sums: GradSums, ids: tuple[int, ...] | None, *values: Tensor) -> Tensor:
-        a = alpha.to(mix_dtype(values))
-        ctx.save_for_backward(a, *values)
-        ctx.alpha_dtype, ctx.sums, ctx.ids = alpha.dtype, sums, ids
-        return mix_values(a, values)
+        ctx.save_for_backward(alpha, *values)
+        ctx.sums, ctx.ids = sums, ids
+        return mix(alpha, values)
 
     @staticmethod
     def backward(ctx, gh: Tensor):
-        a, *values = ctx.saved_tensors
-        galpha = torch.stack([dot(gh, v) for v in values], dim=-1).to(ctx.alpha_dtype)
+        alpha, *values = ctx.saved_tensors
+        galpha = dots(gh, values).to(alpha.dtype)
         for k, i in enumerate(ctx.ids if ctx.ids is not None else range(len(values))):
-            ctx.sums.parts.setdefault(i, []).append((a[..., k : k + 1], gh))
+            ctx.sums.add(i, alpha[..., k : k + 1], gh)
         return galpha, None, None, *([None] * len(values))
 
 

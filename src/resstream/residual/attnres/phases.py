@@ -10,24 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resstream.residual.attnres.kernels import GradSums, dot, mix_dtype, mix_values
+from resstream.residual.attnres.fused import dots, merge_backward, merge_forward, mix
+from resstream.residual.attnres.kernels import GradSums
 
 
 def merge(o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Phase 2's forward (see Phase2): returns x, r = 1/RMS(p), s = q · p r, gate = sigmoid(s - lse)."""
-    dt = lse.dtype  # statistics dtype
-    p_ = p.to(dt)
-    r = torch.rsqrt(torch.linalg.vector_norm(p_, dim=-1).square() / p.shape[-1] + eps)  # [B, T]
-    s = (p_ @ q.to(dt)) * r
-    gate = torch.sigmoid(s - lse)
-    return lerp(o, p, gate), r, s, gate
-
-
-def lerp(o: Tensor, p: Tensor, gate: Tensor) -> Tensor:
-    """o + gate (p - o) in the mixture dtype of o and p (under autocast o, a mixture holding the
-    embedding, is float32 and p, a sum of sublayer outputs, bfloat16)."""
-    dt = mix_dtype((o, p))
-    return torch.lerp(o.to(dt), p.to(dt), gate.unsqueeze(-1).to(dt))
+    return merge_forward(o, p, q, lse, eps)
 
 
 class Phase1(torch.autograd.Function):
@@ -35,37 +24,33 @@ class Phase1(torch.autograd.Function):
 
     A [B, T, S, n]: softmax weights of the S queries over the n completed blocks. Each output
     is its own tensor, so the one the next norm keeps does not pin the others. Saves A and the
-    blocks (alive anyway). Elementwise multiply-adds, not a batched matmul: on CPU a [S, n] @
-    [n, D] product per token is several times slower than S * n fused multiply-adds. With
-    ``sums`` (see kernels.GradSums) the blocks' gradients are left there, by block position.
+    blocks (alive anyway). Per-token mixtures (fused.mix), not a batched matmul: on CPU a
+    [S, n] @ [n, D] product per token is several times slower. With ``sums`` (see
+    kernels.GradSums) the blocks' gradients are left there, by block position.
     """
 
     @staticmethod
     def forward(ctx, A: Tensor, sums: GradSums | None, *blocks: Tensor) -> tuple[Tensor, ...]:
-        a = A.to(mix_dtype(blocks))
-        ctx.save_for_backward(a, *blocks)
-        ctx.A_dtype, ctx.sums = A.dtype, sums
+        ctx.save_for_backward(A, *blocks)
+        ctx.sums = sums
         ctx.set_materialize_grads(False)
-        return tuple(mix_values(a[..., s, :], blocks) for s in range(a.shape[-2]))
+        return tuple(mix(A[..., s, :], blocks) for s in range(A.shape[-2]))
 
     @staticmethod
     def backward(ctx, *gos: Tensor | None):
-        a, *blocks = ctx.saved_tensors
-        sums = ctx.sums
-        gA = torch.zeros_like(a)
+        A, *blocks = ctx.saved_tensors
+        read = [s for s, g in enumerate(gos) if g is not None]  # outputs nobody read get nothing
+        gA = torch.zeros_like(A)
+        for s in read:
+            gA[..., s, :] = dots(gos[s], blocks)
         gbs: list[Tensor | None] = [None] * len(blocks)
-        for s, g in enumerate(gos):
-            if g is None:  # an output nobody read
-                continue
-            for j, b in enumerate(blocks):
-                gA[..., s, j] = dot(g, b)
-                w = a[..., s, j : j + 1]
-                if sums is not None:  # the block's Source adds it up with its other readers'
-                    sums.parts.setdefault(j, []).append((w, g))
-                else:
-                    gbs[j] = g * w if gbs[j] is None else gbs[j].addcmul_(g, w)
-        gbs = [None if g is None else g.to(b.dtype) for g, b in zip(gbs, blocks)]
-        return gA.to(ctx.A_dtype), None, *gbs
+        for j in range(len(blocks)):
+            if ctx.sums is not None:  # the block's Source adds them up with its other readers'
+                for s in read:
+                    ctx.sums.add(j, A[..., s, j : j + 1], gos[s])
+            elif read:
+                gbs[j] = mix(A[..., read, j], [gos[s] for s in read]).to(blocks[j].dtype)
+        return gA, None, *gbs
 
 
 class Phase2(torch.autograd.Function):
@@ -86,24 +71,17 @@ class Phase2(torch.autograd.Function):
     def forward(ctx, o, p, q, lse, eps, recompute, a_row, *blocks):
         x, r, s, gate = merge(o, p, q, lse, eps)
         ctx.recompute, ctx.o_dtype = recompute, o.dtype
-        ctx.save_for_backward(p, q, r, s, gate, *((a_row, *blocks) if recompute else (x,)))
+        ctx.save_for_backward(p, q, r, s, gate, *((lse, a_row, *blocks) if recompute else (x,)))
+        ctx.eps = eps
         return x
 
     @staticmethod
     def backward(ctx, gx: Tensor):
         p, q, r, s, gate, *rest = ctx.saved_tensors
         if ctx.recompute:
-            a_row, *blocks = rest
-            x = lerp(mix_values(a_row.to(mix_dtype(blocks)), blocks), p, gate)
+            lse, a_row, *blocks = rest  # the forward's own ops on the same inputs: x is bitwise the same
+            x = merge(mix(a_row, blocks), p, q, lse, ctx.eps)[0]
         else:
             (x,) = rest
-        dt = gate.dtype
-        gp = gx * gate.unsqueeze(-1).to(gx.dtype)
-        go = gx - gp
-        dz = gate * (dot(gx, p) - dot(gx, x)).to(dt)  # [B, T]
-        dr = dz * r  # gradient of p · q per token
-        gq = (p.to(dt).reshape(-1, p.shape[-1]).t() @ dr.reshape(-1)).to(q.dtype)
-        gp.addcmul_(dr.unsqueeze(-1).to(gp.dtype), q.to(gp.dtype))
-        gp.addcmul_(p, (-dz * r.square() * s / p.shape[-1]).unsqueeze(-1).to(gp.dtype))
-        return (go.to(ctx.o_dtype), gp.to(p.dtype), gq, -dz, None, None, None,
-                *([None] * (len(rest) - 1 if ctx.recompute else 0)))
+        go, gp, gq, dz = merge_backward(gx, p, x, q, r, s, gate)
+        return go.to(ctx.o_dtype), gp.to(p.dtype), gq, -dz, None, None, None, *([None] * (len(rest) - 2 if ctx.recompute else 0))
