@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from resstream.model.lm import LM
 from resstream.parallel.config import ParallelConfig
 from resstream.parallel.fsdp import shard
-from resstream.parallel.grads import clip_grad_norm, sync_replicated, sync_tied
+from resstream.parallel.grads import clip_grad_norm, local, sync_replicated, sync_tied
 from resstream.parallel.mesh import Mesh
 from resstream.parallel.pipeline import Pipeline, Traffic
 
@@ -56,6 +56,12 @@ class Runtime:
     def logits(self, x: Tensor) -> Tensor | None:
         """Forward only (no grad); None on processes that do not hold the head."""
         raise NotImplementedError
+
+    def params_finite(self) -> bool:
+        """Every parameter finite on every rank (collective: ranks must agree whether to save)."""
+        ok = all(bool(torch.isfinite(local(p)).all()) for p in self.module.parameters())
+        bad = torch.tensor(0.0 if ok else 1.0, dtype=torch.float64)
+        return self.mesh.all_reduce(bad).item() == 0
 
     def mean_loss(self, loss: Tensor) -> float:
         """The step's loss averaged over replicas, from each process's forward_backward sum."""
