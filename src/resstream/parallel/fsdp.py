@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
@@ -31,3 +31,12 @@ def shard(root: nn.Module, sublayers, layer_range: range, mesh: DeviceMesh, dtyp
     for k in layer_range:
         fully_shard([get(2 * k), get(2 * k + 1)], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+
+
+def reshard_all(module: nn.Module) -> None:
+    """Back to shards after a forward without backward: FSDP leaves gathered the parameters of
+    units told not to reshard after forward (a pipeline stage's, the root's) for the backward
+    that training runs next; an evaluation or a checkpoint must not see them so."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

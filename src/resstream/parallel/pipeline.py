@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from resstream.model.lm import LM
 from resstream.parallel.config import ParallelConfig
-from resstream.parallel.fsdp import shard
+from resstream.parallel.fsdp import reshard_all, shard
 from resstream.parallel.mesh import Mesh
 from resstream.parallel.plan import StagePlan, plan_pipeline, stage_layers
 from resstream.parallel.stage import RankStore, StageBody, probe_cuts
@@ -202,4 +202,6 @@ class Pipeline:
                 for t in out:
                     dist.send(t.contiguous(), dst=dst)
         self.store.release(EVAL_MB)
+        for body in self.bodies:
+            reshard_all(body)
         return out if self.has_last else None

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from resstream.model.lm import LM
 from resstream.parallel.config import ParallelConfig
-from resstream.parallel.fsdp import shard
+from resstream.parallel.fsdp import reshard_all, shard
 from resstream.parallel.grads import clip_grad_norm, local, sync_replicated, sync_tied
 from resstream.parallel.mesh import Mesh
 from resstream.parallel.pipeline import Pipeline, Traffic
@@ -151,7 +151,9 @@ class ShardedRuntime(Runtime):
         return clip_grad_norm(self.module, max_norm, self.mesh, {id(p) for p in self.replicated}, set(), sharded=True)
 
     def logits(self, x: Tensor) -> Tensor:
-        return self.module(x)
+        logits = self.module(x)
+        reshard_all(self.module)
+        return logits
 
 
 class PipelineRuntime(Runtime):
