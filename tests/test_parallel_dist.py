@@ -58,10 +58,11 @@ def test_two_processes_fsdp_and_pipeline(tmp_path):
 
 def test_four_processes_pipelines_cache_and_checkpoint(tmp_path):
     per_rank = launch(4, tmp_path)
-    for kind, _ in pc.KINDS:
-        for layout in pc.LAYOUTS4:
-            check_equal_training(per_rank, f"{kind}/{layout}")
-            check_traffic(per_rank, f"{kind}/{layout}")
+    names = [name for name in per_rank[0] if "/" in name and not name.startswith("fig3")]
+    assert len(names) == 10  # 4 kinds x (PP = 4 x V = 2, PP = 2 x DP = 2) + 2 kinds x FSDP x PP
+    for name in names:
+        check_equal_training(per_rank, name)
+        check_traffic(per_rank, name)
     # P = 4, V = 2, one block per stage, 4 microbatches: Eq. 7's 28 blocks per microbatch without
     # the cache, 18 with it (Eq. 8 says 22: it resends each rank its own blocks, see parallel.plan)
     M = 4

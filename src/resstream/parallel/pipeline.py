@@ -119,14 +119,13 @@ class Pipeline:
                  dtype: torch.dtype) -> None:
         self.p, self.mesh, self.device, self.M = p, mesh, device, p.n_microbatches
         n_stages = p.n_stages
-        # bf16: FSDP computes in it through its policy, otherwise autocast does
-        self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not p.fsdp
-                         else contextlib.nullcontext())
-        compute = dtype  # what sublayers compute in (bf16 via autocast or FSDP's policy)
+        # bf16: FSDP computes in it through its policy (the embedding too), otherwise autocast does
+        use_autocast = dtype != torch.float32 and not p.fsdp
+        self.autocast = lambda: torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
         model.residual.to(device)
         bounds = stage_layers(model.cfg.n_layers, n_stages)
         cuts = probe_cuts(model.residual, [lo for lo, _ in bounds[1:]], model.cfg.d_model, device,
-                          compute if p.fsdp else torch.float32, compute, self.autocast)
+                          dtype if p.fsdp else torch.float32, dtype, self.autocast())
         self.plan: list[StagePlan] = plan_pipeline(cuts, bounds, p.pp, p.pp_cache)
         mine = [s for s in self.plan if s.rank == mesh.pp_rank]
         self.store, self.traffic = RankStore(), Traffic()
@@ -135,17 +134,15 @@ class Pipeline:
         self.has_first = any(b.is_first for b in self.bodies)
         self.has_last = any(b.is_last for b in self.bodies)
         self.loss_scale = 1.0
-        stages = [self._stage(b, microbatch, model.cfg.vocab_size, compute, dtype) for b in self.bodies]
-        self.stages = stages
-        loss_fn = self._loss
+        self.stages = [self._stage(b, microbatch, model.cfg.vocab_size, dtype) for b in self.bodies]
+        # the loss is scaled by the caller (1 / (microbatches x grad_accum)): no rescaling after
         if p.schedule == "interleaved_1f1b":
-            self.schedule = ScheduleInterleaved1F1B(stages, self.M, loss_fn=loss_fn, scale_grads=False)
+            self.schedule = ScheduleInterleaved1F1B(self.stages, self.M, loss_fn=self._loss, scale_grads=False)
         else:
             cls = ScheduleGPipe if p.schedule == "gpipe" else Schedule1F1B
-            self.schedule = cls(stages[0], self.M, loss_fn=loss_fn, scale_grads=False)
+            self.schedule = cls(self.stages[0], self.M, loss_fn=self._loss, scale_grads=False)
 
-    def _stage(self, body: StageBody, microbatch: tuple[int, int], vocab: int, compute: torch.dtype,
-               dtype: torch.dtype) -> _Stage:
+    def _stage(self, body: StageBody, microbatch: tuple[int, int], vocab: int, dtype: torch.dtype) -> _Stage:
         s, mesh = body.plan, self.mesh
         B, T = microbatch
         if self.p.fsdp:
@@ -154,13 +151,13 @@ class Pipeline:
             submod = body
         elif mesh.dp > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            submod = DDP(body, device_ids=ids, process_group=mesh.dp_group, broadcast_buffers=False)
+            submod = DDP(body, device_ids=ids, process_group=mesh.dp_group, forward_sync_buffers=False)
         else:
             submod = body
         act = lambda e: torch.empty((B, T, *e.shape), dtype=e.dtype, device=self.device, requires_grad=True)  # noqa: E731
         inputs = ((torch.zeros((B, T), dtype=torch.long, device=self.device),) if body.is_first
                   else tuple(act(e) for e in s.hop_in.sent_entries()))
-        outputs = ((torch.empty((B, T, vocab), dtype=compute, device=self.device, requires_grad=True),) if body.is_last
+        outputs = ((torch.empty((B, T, vocab), dtype=dtype, device=self.device, requires_grad=True),) if body.is_last
                    else tuple(act(e) for e in s.hop_out.sent_entries()))
         lowest = s.index == min(b.plan.index for b in self.bodies)
         return _Stage(submod, s.index, self.p.n_stages, self.device, input_args=inputs, output_args=outputs,
@@ -176,7 +173,7 @@ class Pipeline:
         self.loss_scale = scale / self.M
         losses: list[Tensor] = []
         args = (x,) if self.has_first else ()
-        with self.autocast:
+        with self.autocast():
             self.schedule.step(*args, target=y if self.has_last else None, losses=losses, return_outputs=False)
         assert len(self.store) == 0, "stored tensors outlived their microbatch"
         return torch.stack([l.detach().double().cpu() for l in losses]).sum() if losses else torch.zeros((), dtype=torch.float64)
@@ -195,7 +192,7 @@ class Pipeline:
                 out = tuple(torch.empty((B, T, *e.shape), dtype=e.dtype, device=self.device) for e in s.hop_in.sent_entries())
                 for t in out:
                     dist.recv(t, src=src)
-            with self.autocast:
+            with self.autocast():
                 out = stage.submod(*out)
             if not body.is_last:
                 dst = self.mesh.global_rank((s.rank + 1) % self.mesh.pp)
