@@ -1,7 +1,7 @@
 """The trainer on parallel layouts, through train(): one run that changes layout at every
-resume (1 process -> FSDP x PP on 4 processes -> PP = 4 -> 1 process) logs the same losses
-as an uninterrupted single-process run, logs the pipeline's traffic, and its sharded
-checkpoints serve generation. Bad layouts end in one line."""
+resume (1 process -> FSDP x PP on 4 processes -> PP = 4 -> 1 process), accumulating gradients
+over 2 micro-steps, logs the same losses as an uninterrupted single-process run, logs the
+pipeline's traffic, and its sharded checkpoints serve generation. Bad layouts end in one line."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,7 @@ BASE = {
     "name": "p",
     "model": {"d_model": 32, "n_layers": 4, "n_heads": 4, "max_seq_len": 64, "residual": {"kind": "block_attnres", "block_size": 3}},
     "data": {"corpus": "kjv", "vocab_size": 320, "max_bytes": 120_000},
-    "train": {"steps": 6, "batch_size": 8, "seq_len": 32, "eval_every": 2, "eval_batches": 2, "save_every": 2,
+    "train": {"steps": 6, "batch_size": 8, "grad_accum": 2, "seq_len": 32, "eval_every": 2, "eval_batches": 2, "save_every": 2,
               "log_every": 1, "keep_last": 4},
 }
 FSDP_PP = ["parallel.pp=2", "parallel.fsdp=true", "parallel.schedule=1f1b", "parallel.microbatches=2"]
@@ -80,7 +80,7 @@ def test_a_run_moves_between_layouts_and_keeps_its_losses(tmp_path):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5, (ra["step"], ra["train_loss"], rb["train_loss"])
         if "val_bpb" in ra:
             assert abs(ra["val_bpb"] - rb["val_bpb"]) < 1e-5, ra["step"]
-    # pipeline steps log every rank's traffic; a 2-stage pipeline sends one tensor per cut... and more
+    # pipeline steps log every rank's traffic, and only they do
     for rb in b[2:5]:
         assert len(rb["pp_fwd_sent_tensors"]) == 4 and sum(rb["pp_fwd_sent_tensors"]) == sum(rb["pp_bwd_recv_tensors"]) > 0
     assert "pp_fwd_sent_tensors" not in b[0] and "pp_fwd_sent_tensors" not in b[5]
