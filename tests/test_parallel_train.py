@@ -89,7 +89,7 @@ def test_a_run_moves_between_layouts_and_keeps_its_losses(tmp_path):
 
 def test_bad_layouts_are_one_line(tmp_path, capsys):
     cases = [
-        (["parallel.pp=2"], "parallel.pp: 2 pipeline stages do not divide the 1 processes"),
+        (["parallel.pp=2"], "parallel.pp: 2 pipeline stages do not divide the 1 process;"),
         (["parallel.virtual_stages=2", "parallel.pp=2"], "needs parallel.schedule=interleaved_1f1b"),
         (["parallel.pp=1", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b"], "needs parallel.pp > 1"),
         (["parallel.schedule=zigzag"], "parallel.schedule: must be one of"),

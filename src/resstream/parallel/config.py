@@ -59,7 +59,8 @@ class ParallelConfig(ConfigBase):
 
 def check_layout(p: ParallelConfig, world: int, n_layers: int, batch_size: int, grad_accum: int, compile: bool) -> None:
     """Everything about ``p`` that depends on the number of processes and the model; one-line ConfigErrors."""
-    require(world % p.pp == 0, f"parallel.pp: {p.pp} pipeline stages do not divide the {world} processes; "
+    procs = f"{world} process" + ("es" if world != 1 else "")
+    require(world % p.pp == 0, f"parallel.pp: {p.pp} pipeline stages do not divide the {procs}; "
             f"launch a multiple of {p.pp} (torchrun --nproc_per_node=N) or change parallel.pp")
     require(p.n_stages <= n_layers, f"parallel.pp x parallel.virtual_stages = {p.n_stages} stages but model.n_layers = "
             f"{n_layers}: every stage needs at least one transformer layer; use fewer stages or more layers")
