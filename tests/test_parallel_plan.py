@@ -110,3 +110,23 @@ def test_cached_plan_keeps_what_later_stages_read():
     # stage 3 (rank 1) received v0..v2 in stage 1 and produced v3, v4 there
     assert plan[3].hop_in.sent == ("v5", "v6") and set(plan[1].hop_in.keep) == {"v0", "v1", "v2"}
     assert set(plan[1].keep_produced) == {"v3", "v4"}
+
+
+def test_layouts_that_cannot_run_are_one_line():
+    from resstream.config import ConfigError
+    from resstream.parallel.config import ParallelConfig, check_layout
+
+    interleaved = ParallelConfig(pp=4, virtual_stages=2, schedule="interleaved_1f1b")
+    cases = [
+        ((interleaved, 4, 4, 16, 1, False), "8 stages but model.n_layers = 4"),
+        ((interleaved, 6, 8, 16, 1, False), "do not divide the 6 processes"),
+        ((ParallelConfig(pp=2, microbatches=3), 4, 8, 16, 1, False), "make it a multiple of 6"),
+        ((ParallelConfig(pp=4, virtual_stages=2, schedule="interleaved_1f1b", microbatches=10), 4, 8, 40, 1, False),
+         "interleaved_1f1b needs a multiple of 2"),
+        ((ParallelConfig(fsdp=True), 2, 8, 16, 1, True), "train.compile: not supported"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(ConfigError) as e:
+            check_layout(*args)
+        assert needle in str(e.value) and "\n" not in str(e.value), (args, str(e.value))
+    check_layout(interleaved, 8, 8, 16, 1, False)  # 2 pipelines of 4 processes, 8 stages of one layer
