@@ -61,7 +61,7 @@ def measure(args, P: int, V: int, cache: bool) -> dict:
     sent, sent_bytes = sum(t["pp_fwd_sent_tensors"]) / P, sum(t["pp_fwd_sent_bytes"]) / P  # per microbatch
     assert (sent, sent_bytes) == (n, nbytes), "measured traffic differs from the plan"
     return {"tensors": sent, "bytes": sent_bytes, "bwd_tensors": sum(t["pp_bwd_sent_tensors"]) / P,
-            "blocks": transfers(plan, 1, 1, skip=frozenset(born))[0]}
+            "blocks": transfers(plan, 1, 1, skip=frozenset(born), history_only=True)[0]}
 
 
 def worker(rank: int, P: int, port: int, args, out: str) -> None:

@@ -146,7 +146,7 @@ def check(kind: str, opts: dict, p: ParallelConfig, n_layers: int, steps: int = 
         mb = (B // rt.replicas // p.n_microbatches, T)
         tensors, nbytes = transfers(rt.pipe.plan, *mb)
         out["plan"] = {"tensors": n * tensors, "bytes": n * nbytes,
-                       "blocks": n * transfers(rt.pipe.plan, *mb, skip=frozenset({"b0"}))[0]}
+                       "blocks": n * transfers(rt.pipe.plan, *mb, skip=frozenset({"b0"}), history_only=True)[0]}
     return out
 
 

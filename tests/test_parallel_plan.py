@@ -91,14 +91,25 @@ def test_block_transfers_match_eq7_and_the_cached_count(P, V):
     model = LM(tiny_cfg("block_attnres", n_layers=P * V, block_size=2))
     emb = frozenset({"b0"})
     naive, cached = build_plan(model, P, V, cache=False), build_plan(model, P, V, cache=True)
-    assert transfers(naive, 1, 1, skip=emb)[0] == eq7(P, V, 1)
-    assert transfers(cached, 1, 1, skip=emb)[0] == cached_blocks(P, V, 1) == eq8(P, V, 1) - (V - 1) * P
-    assert transfers(naive, 1, 1)[0] - transfers(naive, 1, 1, skip=emb)[0] == P * V - 1
-    assert transfers(cached, 1, 1)[0] - transfers(cached, 1, 1, skip=emb)[0] == P - 1
+    blocks = lambda plan: transfers(plan, 1, 1, skip=emb, history_only=True)[0]  # noqa: E731
+    assert blocks(naive) == eq7(P, V, 1)
+    assert blocks(cached) == cached_blocks(P, V, 1) == eq8(P, V, 1) - (V - 1) * P
+    # the embedding crosses too, and nothing else (every cut is on a block boundary)
+    assert transfers(naive, 1, 1)[0] - blocks(naive) == P * V - 1
+    assert transfers(cached, 1, 1)[0] - blocks(cached) == P - 1
     n, nbytes = transfers(cached, 3, 5)
     assert nbytes == n * 3 * 5 * model.cfg.d_model * 4
     if (P, V) == (4, 2):  # the paper's Fig. 3 example: 28 naive, 22 by Eq. 8, 18 here
         assert (eq7(P, V, 1), eq8(P, V, 1), cached_blocks(P, V, 1)) == (28, 22, 18)
+
+
+@pytest.mark.parametrize("P,V", [(2, 2), (4, 2), (4, 4)])
+def test_full_attnres_transfers_match_the_formulas_with_two_outputs_per_stage(P, V):
+    """Full AttnRes, one layer (2 sublayer outputs) per stage: N_p = 2."""
+    model = LM(tiny_cfg("attnres", n_layers=P * V))
+    outputs = lambda plan: transfers(plan, 1, 1, skip=frozenset({"v0"}), history_only=True)[0]  # noqa: E731
+    assert outputs(build_plan(model, P, V, cache=False)) == eq7(P, V, 2)
+    assert outputs(build_plan(model, P, V, cache=True)) == cached_blocks(P, V, 2)
 
 
 def test_cached_plan_keeps_what_later_stages_read():

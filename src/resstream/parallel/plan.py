@@ -126,10 +126,13 @@ def plan_pipeline(cuts: dict[int, tuple[Entry, ...]], bounds: list[tuple[int, in
     ]
 
 
-def transfers(plan: list[StagePlan], batch: int, seq: int, skip: frozenset[str] = frozenset()) -> tuple[int, int]:
+def transfers(plan: list[StagePlan], batch: int, seq: int, skip: frozenset[str] = frozenset(),
+              history_only: bool = False) -> tuple[int, int]:
     """(tensors, bytes) the cuts carry forward for one microbatch of [batch, seq] tokens (the
-    backward sends one gradient per tensor received, the same again). ``skip``: names not counted."""
-    sent = [e for s in plan if s.hop_in is not None for e in s.hop_in.sent_entries() if e.name not in skip]
+    backward sends one gradient per tensor received, the same again). ``skip``: names not
+    counted; ``history_only``: count history entries only (AttnRes: outputs or block sums)."""
+    sent = [e for s in plan if s.hop_in is not None for e in s.hop_in.sent_entries()
+            if e.name not in skip and (e.history or not history_only)]
     return len(sent), sum(e.nbytes(batch, seq) for e in sent)
 
 
