@@ -18,7 +18,6 @@ Counts do not depend on the machine; the bytes scale with --d-model, --seq-len, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
@@ -45,8 +44,8 @@ def measure(args, P: int, V: int, cache: bool) -> dict:
                       residual=ResidualConfig(kind=args.kind, **opts))
     # entries that exist before the first sublayer (the embedding's): not blocks, but they cross too
     stream = LM(cfg).residual
-    born = {e.name for e in probe_cuts(stream, [0], args.d_model, torch.device("cpu"), torch.float32, torch.float32,
-                                       contextlib.nullcontext())[0] if e.history}
+    born = {e.name for e in probe_cuts(stream, [0], args.d_model, torch.device("cpu"), torch.float32, torch.float32)[0]
+            if e.history}
     torch.manual_seed(0)
     p = ParallelConfig(pp=P, virtual_stages=V, schedule="interleaved_1f1b" if V > 1 else "1f1b", microbatches=P,
                        pp_cache=cache)

@@ -3,8 +3,6 @@ plan with and without cross-stage caching, and the stage bodies run as a pipelin
 them (detached inputs, per-rank stores, backward stage by stage) against the uncut model."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ from resstream.parallel.stage import RankStore, StageBody, probe_cuts
 def build_plan(model: LM, P: int, V: int, cache: bool):
     bounds = stage_layers(model.cfg.n_layers, P * V)
     cuts = probe_cuts(model.residual, [lo for lo, _ in bounds[1:]], model.cfg.d_model, torch.device("cpu"),
-                      torch.float32, torch.float32, contextlib.nullcontext())
+                      torch.float32, torch.float32)
     return plan_pipeline(cuts, bounds, P, cache)
 
 

@@ -125,7 +125,7 @@ class Pipeline:
         model.residual.to(device)
         bounds = stage_layers(model.cfg.n_layers, n_stages)
         cuts = probe_cuts(model.residual, [lo for lo, _ in bounds[1:]], model.cfg.d_model, device,
-                          dtype if p.fsdp else torch.float32, dtype, self.autocast())
+                          dtype if p.fsdp else torch.float32, dtype)
         self.plan: list[StagePlan] = plan_pipeline(cuts, bounds, p.pp, p.pp_cache)
         mine = [s for s in self.plan if s.rank == mesh.pp_rank]
         self.store, self.traffic = RankStore(), Traffic()

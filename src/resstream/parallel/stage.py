@@ -18,14 +18,14 @@ traverse its own graph once, when its schedule slot comes).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import torch
 from torch import Tensor, nn
 
 from resstream.model.lm import LM
 from resstream.parallel.plan import Entry, StagePlan
-from resstream.residual.base import Boundary, ResidualStream
+from resstream.residual.base import Boundary, ResidualStream, outside_autocast
 
 
 class RankStore:
@@ -100,19 +100,27 @@ class StageBody(nn.Module):
         object.__setattr__(self, "stream", model.residual)  # not a submodule, see above
 
     def forward(self, *inputs: Tensor):
+        """As LM.forward between the cuts: every stream call outside autocast (depth mixing in
+        full precision), the sublayers under it."""
         stream: ResidualStream = self.stream
+        full = functools.partial(outside_autocast, inputs[0].device.type)
         if self.is_first:
-            state = stream.init(self.embed(inputs[0]))
+            emb = self.embed(inputs[0])
+            with full():
+                state = stream.init(emb)
         else:
-            state = stream.from_boundary(self._arrive(inputs), self.plan.lo)
+            with full():
+                state = stream.from_boundary(self._arrive(inputs), self.plan.lo)
         for l in range(self.plan.lo, self.plan.hi):
-            x = stream.read(state, l)
+            with full():
+                x = stream.read(state, l)
             with stream.input_hooks(state, l, x):
                 y = self.sublayers[str(l)](x)
-            state = stream.write(state, l, y)
-        if self.is_last:
-            return self.head(self.final_norm(stream.finish(state)))
-        return self._depart(stream.stage_boundary(state, self.plan.hi))
+            with full():
+                state = stream.write(state, l, y)
+        with full():
+            out = stream.finish(state) if self.is_last else self._depart(stream.stage_boundary(state, self.plan.hi))
+        return self.head(self.final_norm(out)) if self.is_last else out
 
     def _arrive(self, inputs: tuple[Tensor, ...]) -> Boundary:
         hop = self.plan.hop_in
@@ -136,13 +144,14 @@ class StageBody(nn.Module):
 
 @torch.no_grad()
 def probe_cuts(stream: ResidualStream, cuts: list[int], d_model: int, device: torch.device,
-               emb_dtype: torch.dtype, out_dtype: torch.dtype, autocast: contextlib.AbstractContextManager) -> dict[int, tuple[Entry, ...]]:
+               emb_dtype: torch.dtype, out_dtype: torch.dtype) -> dict[int, tuple[Entry, ...]]:
     """The entries of the stream's boundary before each sublayer in ``cuts``, with their shapes
-    past [B, T] and dtypes, from a dry run of the stream alone on a [2, 3, D] input (sublayer
-    outputs of ``out_dtype``, under ``autocast`` as in training)."""
+    past [B, T] and dtypes, from a dry run of the stream alone on a [2, 3, D] input: an
+    embedding of ``emb_dtype`` and sublayer outputs of ``out_dtype`` (what training feeds it;
+    the stream itself runs outside autocast, as in LM.forward)."""
     B, T = 2, 3
     found: dict[int, tuple[Entry, ...]] = {}
-    with autocast:
+    with outside_autocast(device.type):
         state = stream.init(torch.full((B, T, d_model), 0.5, dtype=emb_dtype, device=device))
         for l in range(max(cuts) + 1):
             if l in cuts:
