@@ -4,7 +4,9 @@ One shard unit per transformer layer (its attention and MLP sublayers together),
 root (embedding, final norm, head). Parameters are all-gathered before a unit runs and
 resharded after; gradients are reduce-scattered. The residual stream's parameters are left
 out (replicated, see ``parallel.grads``): its methods run between the units, outside any
-module forward FSDP could hook. With bf16 the policy computes in bf16 and reduces in fp32.
+module forward FSDP could hook. With bf16 the layers compute in bf16 and reduce gradients in
+fp32 (MixedPrecisionPolicy) while the root stays fp32, so the embedding is fp32 and the
+residual stream never accumulates in bf16: the precision contract of bf16 autocast.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def shard(root: nn.Module, sublayers, layer_range: range, mesh: DeviceMesh, dtyp
     get = (lambda l: sublayers[l]) if isinstance(sublayers, nn.ModuleList) else (lambda l: sublayers[str(l)])
     for k in layer_range:
         fully_shard([get(2 * k), get(2 * k + 1)], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no compute cast: see the module docstring
+    fully_shard(root, mesh=mesh, mp_policy=root_mp, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
 
 
 def reshard_all(module: nn.Module) -> None:

@@ -119,13 +119,14 @@ class Pipeline:
                  dtype: torch.dtype) -> None:
         self.p, self.mesh, self.device, self.M = p, mesh, device, p.n_microbatches
         n_stages = p.n_stages
-        # bf16: FSDP computes in it through its policy (the embedding too), otherwise autocast does
+        # bf16: FSDP's layers compute in it through their policy, otherwise autocast does; the
+        # embedding is fp32 either way
         use_autocast = dtype != torch.float32 and not p.fsdp
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
+        self.logits_dtype = dtype if use_autocast else torch.float32  # FSDP's root (the head) stays fp32
         model.residual.to(device)
         bounds = stage_layers(model.cfg.n_layers, n_stages)
-        cuts = probe_cuts(model.residual, [lo for lo, _ in bounds[1:]], model.cfg.d_model, device,
-                          dtype if p.fsdp else torch.float32, dtype)
+        cuts = probe_cuts(model.residual, [lo for lo, _ in bounds[1:]], model.cfg.d_model, device, torch.float32, dtype)
         self.plan: list[StagePlan] = plan_pipeline(cuts, bounds, p.pp, p.pp_cache)
         mine = [s for s in self.plan if s.rank == mesh.pp_rank]
         self.store, self.traffic = RankStore(), Traffic()
@@ -157,7 +158,7 @@ class Pipeline:
         act = lambda e: torch.empty((B, T, *e.shape), dtype=e.dtype, device=self.device, requires_grad=True)  # noqa: E731
         inputs = ((torch.zeros((B, T), dtype=torch.long, device=self.device),) if body.is_first
                   else tuple(act(e) for e in s.hop_in.sent_entries()))
-        outputs = ((torch.empty((B, T, vocab), dtype=dtype, device=self.device, requires_grad=True),) if body.is_last
+        outputs = ((torch.empty((B, T, vocab), dtype=self.logits_dtype, device=self.device, requires_grad=True),) if body.is_last
                    else tuple(act(e) for e in s.hop_out.sent_entries()))
         lowest = s.index == min(b.plan.index for b in self.bodies)
         return _Stage(submod, s.index, self.p.n_stages, self.device, input_args=inputs, output_args=outputs,
