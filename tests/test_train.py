@@ -224,8 +224,8 @@ def test_compile_time_is_reported_apart(tmp_path, monkeypatch):
     compiled_s = [0.0]
     real_step = loop._step
 
-    def step(s, fwd, n):
-        out = real_step(s, fwd, n)
+    def step(s, n):
+        out = real_step(s, n)
         if n == 0:  # the first step compiles for 1 s
             time.sleep(1.0)
             compiled_s[0] += 1.0

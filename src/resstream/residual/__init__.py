@@ -7,12 +7,12 @@
     attnres/      Full and Block Attention Residuals, depth_swa
     hyper/        hyper-connections (hc) and mHC (mhc)
 """
-from resstream.residual.base import (Kind, ResidualStream, State, available_kinds, build_residual, describe, get_kind,
+from resstream.residual.base import (Boundary, Kind, ResidualStream, State, available_kinds, build_residual, describe, get_kind,
                                      import_rooms, register)
 from resstream.residual.config import ResidualConfig, format_spec, parse_spec, parse_specs, spec_label
 # Every module and subpackage here registers its kinds when imported; PreNorm, the baseline,
 # first and the rest by name (this order is the order of `resstream kinds`).
 import_rooms(__name__, __path__, first=("prenorm", "attnres", "hyper"))
 
-__all__ = ["Kind", "ResidualConfig", "ResidualStream", "State", "available_kinds", "build_residual", "describe", "format_spec",
+__all__ = ["Boundary", "Kind", "ResidualConfig", "ResidualStream", "State", "available_kinds", "build_residual", "describe", "format_spec",
            "get_kind", "parse_spec", "parse_specs", "register", "spec_label"]

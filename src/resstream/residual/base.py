@@ -27,13 +27,24 @@ A kind is registered once, with everything that defines it::
 ``reference``: the kind's plain float64 specification (``Reference``). What the stream
 declares about itself lives on its class (``ResidualStream``'s class attributes) and is
 read through ``get_kind(name).stream`` or on an instance, never guessed from its name.
+
+Pipeline parallelism cuts depth into stages. What crosses a cut before sublayer l is the
+stream's ``Boundary``, and the next stage rebuilds the full state from it::
+
+    b     = stream.stage_boundary(state, l)   # tensors only: ``fresh`` and ``history``
+    state = stream.from_boundary(b, l)        # caches and other derived entries recomputed
+
+``history`` entries never change once written (a name means the same tensor at every later
+cut: Full AttnRes's sublayer outputs, Block AttnRes's completed blocks), so a process that has
+seen one need not receive it again (AttnRes paper, section 4.1, cross-stage caching);
+``fresh`` entries (PreNorm's h, a partial block sum, hyper-connection streams) always travel.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -52,6 +63,22 @@ Reference = Callable[[Tensor, Sequence[Callable[[Tensor], Tensor]], dict, Any], 
 @dataclass
 class NoOptions(ConfigBase):
     """A kind without options."""
+
+
+@dataclass
+class Boundary:
+    """The residual state where a pipeline cuts depth: tensors [B, T, ...] by name.
+
+    ``fresh``: entries that change from sublayer to sublayer; they cross every cut.
+    ``history``: entries that never change once written; the same name means the same tensor
+    at every later cut, so a pipeline may keep them on a process instead of sending them again.
+    """
+
+    fresh: dict[str, Tensor] = field(default_factory=dict)
+    history: dict[str, Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {**self.fresh, **self.history}
 
 
 class ResidualStream(nn.Module):
@@ -118,6 +145,20 @@ class ResidualStream(nn.Module):
     def source_names(self, l: int) -> list[str]:
         """Names of the sources mixed by read(l) (l = L: the final mixture)."""
         return []
+
+    def stage_boundary(self, state: State, l: int) -> Boundary:
+        """What a pipeline stage hands on before sublayer l (after l sublayers were written).
+        Default: every entry of the state is a fresh tensor (PreNorm-like kinds, state {"h"})."""
+        bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+        if bad:
+            raise NotImplementedError(f"residual kind '{self.kind}' keeps non-tensor state '{bad[0]}': it must "
+                                      "implement stage_boundary/from_boundary to run in a pipeline")
+        return Boundary(fresh=dict(state))
+
+    def from_boundary(self, boundary: Boundary, l: int) -> State:
+        """The state before sublayer l, rebuilt from ``stage_boundary(state, l)``: the same
+        forward values as the uncut state, with this stage's own caches and autograd graph."""
+        return dict(boundary.fresh)
 
 
 def outside_autocast(device_type: str) -> contextlib.AbstractContextManager:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from resstream.residual.base import ResidualStream, State, register
+from resstream.residual.base import Boundary, ResidualStream, State, register
 
 
 def denseformer_reference(emb: Tensor, sublayers, params: dict, cfg) -> tuple[Tensor, list]:
@@ -133,6 +133,14 @@ class DenseFormer(ResidualStream):
     def finish_weighted(self, state: State) -> tuple[Tensor, Tensor]:
         h = state["h"]
         return h, self.dwa[-1].to(h.dtype).expand(*h.shape[:-1], -1)
+
+    def stage_boundary(self, state: State, l: int) -> Boundary:
+        # block outputs X_j are stored once and never change; h moves on every sublayer
+        return Boundary(fresh={"h": state["h"]}, history={f"X{j}": x for j, x in enumerate(state["blocks"])})
+
+    def from_boundary(self, boundary: Boundary, l: int) -> State:
+        blocks = tuple(boundary.history[f"X{j}"] for j in range(len(boundary.history)))
+        return {"h": boundary.fresh["h"], "blocks": blocks}
 
     def source_names(self, l: int) -> list[str]:
         """``emb``; ``X{j}`` the output of block j (its hidden state after the MLP); ``f{l-1}``

@@ -1,7 +1,10 @@
 """Checkpoints: safetensors + a small JSON, written atomically, verified on load.
 
 Layout: RUN_DIR/checkpoints/step_000100/{model.safetensors, optimizer.safetensors, state.json}
-(the other files of a run folder: runs/folder.py).
+(the other files of a run folder: runs/folder.py). A run whose parameters are split over
+processes (FSDP, pipeline) writes a sharded checkpoint instead: every rank writes its part
+with torch.distributed.checkpoint into model/ and optimizer/ (safetensors, see
+parallel/checkpoint.py) and state.json says ``"format": "sharded"``.
 
 A checkpoint folder is built under a temporary name, every file fsynced, then renamed into
 place, so a run killed while saving keeps its previous good checkpoint. state.json holds
@@ -18,12 +21,15 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from resstream.parallel.checkpoint import write_sharded
 from resstream.runs.folder import fsync_dir
 
 CKPT_DIR = "checkpoints"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+SHARDED = "sharded"
 
 
 class CheckpointError(RuntimeError):
@@ -100,26 +106,56 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch
             rng[f"rng.cuda{i}"] = s
     for name, tensors in zip(TENSOR_FILES, (model_sd, {**opt_tensors, **rng})):
         save_file(tensors, str(tmp / name))
-        with open(tmp / name, "rb+") as f:
+    _seal(tmp, final, {"step": step, **extra, "optimizer": opt_meta}, keep_last)
+    return final
+
+
+def _seal(tmp: Path, final: Path, state: dict, keep_last: int) -> None:
+    """fsync every file of ``tmp``, record their SHA-256 in state.json, rename ``tmp`` to
+    ``final`` and prune all but the last ``keep_last`` checkpoints."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for path in files:
+        with open(path, "rb+") as f:
             os.fsync(f.fileno())
-    state = {
-        "step": step,
-        **extra,
-        "optimizer": opt_meta,
-        "sha256": {n: _sha256(tmp / n) for n in TENSOR_FILES},
-    }
+    state = {**state, "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    fsync_dir(tmp)
+    for d in {p.parent for p in files} | {tmp}:
+        fsync_dir(d)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    fsync_dir(final.parent)
+    for old in list_checkpoints(final.parent.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, module: torch.nn.Module, opt: torch.optim.Optimizer,
+                            extra: dict, keep_last: int) -> Path:
+    """Every rank calls it: each writes the parameters and optimizer state it holds into one
+    temporary folder, then rank 0 seals it as save_checkpoint does (hashes, state.json, rename)."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    root = Path(run_dir) / CKPT_DIR
+    final = step_dir(run_dir, step)
+    tmp = root / f".tmp-{final.name}"  # one name for every rank
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _barrier()
+    opt_meta = write_sharded(tmp, module, opt)
+    _barrier()
+    if main:
+        _seal(tmp, final, {"step": step, **extra, "format": SHARDED, "optimizer": opt_meta}, keep_last)
+    _barrier()
     return final
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -129,18 +165,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
+def _tensor_files(path: Path, state: dict) -> list[str]:
+    """The files whose hashes a checkpoint must record: both tensor files, or for a sharded
+    one every file of its model/ and optimizer/ folders (a stray shard would be read too)."""
+    if state.get("format") != SHARDED:
+        return list(TENSOR_FILES)
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "state.json")
+
+
 def _verify(path: Path, state: dict, trust_unverified: bool, warn) -> None:
-    """Both tensor files must match their recorded SHA-256. A checkpoint without the hashes is
+    """Every tensor file must match its recorded SHA-256. A checkpoint without the hashes is
     refused unless the user asks to trust it: deleting them must not turn verification off."""
     hashes = state.get("sha256")
     hashes = hashes if isinstance(hashes, dict) else {}
-    missing = [n for n in TENSOR_FILES if not isinstance(hashes.get(n), str)]
+    files = _tensor_files(path, state)
+    if state.get("format") == SHARDED and not files:
+        raise CheckpointError(f"checkpoint {path} is sharded but holds no tensor files")
+    missing = [n for n in files if not isinstance(hashes.get(n), str)]
     if missing and not trust_unverified:
         raise CheckpointError(f"checkpoint {path} has no recorded SHA-256 for {missing[0]}, so it cannot be verified; "
                               "pass --trust-unverified to load it anyway")
     if missing:
         warn(f"warning: loading {path} unverified (--trust-unverified): no SHA-256 recorded for {', '.join(missing)}")
-    for name in TENSOR_FILES:
+    for name in files:
         if name in hashes and _sha256(path / name) != hashes[name]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256")
 
@@ -153,14 +200,18 @@ def nonfinite_tensor(tensors: dict) -> str | None:
     return None
 
 
-def read_checkpoint(path: Path, trust_unverified: bool = False, warn=None) -> tuple[dict, dict, dict]:
-    """Verify and read one checkpoint folder: (state, model tensors, optimizer tensors)."""
+def read_checkpoint(path: Path, trust_unverified: bool = False, warn=None) -> tuple[dict, dict | None, dict | None]:
+    """Verify and read one checkpoint folder: (state, model tensors, optimizer tensors). A
+    sharded checkpoint (state["format"] == "sharded") is verified here and read later, into
+    whatever holds its tensors (parallel.checkpoint.read_sharded): (state, None, None)."""
     warn = warn or _stderr
     try:
         state = json.loads((path / "state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise CheckpointError(f"checkpoint {path} has a damaged state.json (no step)")
         _verify(path, state, trust_unverified, warn)
+        if state.get("format") == SHARDED:
+            return state, None, None
         model_sd = load_file(str(path / "model.safetensors"))
         opt_sd = load_file(str(path / "optimizer.safetensors"))
     except CheckpointError:

@@ -15,7 +15,8 @@ from resstream.model import LM
 from resstream.model.config import ModelConfig
 from resstream.model.generate import check_sampling, stream_generate
 from resstream.model.memory import check_memory
-from resstream.runs.checkpoint import latest_good_checkpoint, list_checkpoints, load_model_state
+from resstream.parallel.checkpoint import read_sharded
+from resstream.runs.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_model_state, nonfinite_tensor
 from resstream.runs.config import RunConfig
 from resstream.runs.folder import CONFIG, TOKENIZER, read_run_config
 
@@ -48,7 +49,14 @@ def load_run_model(run_dir: Path | str, device: str = "cpu", meta: dict | None =
     if found is None:
         raise ConfigError(f"run folder '{run_dir}' has no checkpoint yet; train it first (or resume it with --resume)")
     model = LM(mcfg)
-    load_model_state(model, found[2])
+    path, _, model_sd, _ = found
+    if model_sd is None:  # sharded (FSDP / pipeline run): every piece read into the whole model
+        read_sharded(path, model)
+        bad = nonfinite_tensor(model.state_dict())
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} holds non-finite values ({bad}); it is not a good checkpoint")
+    else:
+        load_model_state(model, model_sd)
     return model.to(device).eval(), run_cfg, tokenizer, find_eot_id(tokenizer)
 
 

@@ -1,6 +1,7 @@
-"""The training loop. It knows nothing of residual kinds: it trains an LM from a RunConfig.
+"""The training loop. It knows nothing of residual kinds, nor of how the model is laid out
+over processes (single, DDP, FSDP, pipeline: the session's runtime, see parallel/runtime.py).
 
-    setup (data, model seeded, optimizer) ─► [resume] ─► write config.json ─► for step:
+    setup (data, model seeded, runtime, optimizer) ─► [resume] ─► write config.json ─► for step:
     lr, micro-batches, backward, clip, AdamW ─► log / evaluate (loss, bits per byte) / checkpoint
 
 Batches are a pure function of (seed, step), so resuming from a checkpoint reproduces the
@@ -8,7 +9,6 @@ uninterrupted run step for step, and every kind in a comparison sees the same da
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import sys
@@ -19,28 +19,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from resstream.data.batches import train_batch
 from resstream.residual.compiled import compile_seconds
 from resstream.runs import folder
 from resstream.config import ConfigError
-from resstream.runs.checkpoint import (
-    latest_good_checkpoint,
-    list_checkpoints,
-    load_model_state,
-    optimizer_from_tensors,
-    save_checkpoint,
-)
+from resstream.runs.checkpoint import list_checkpoints, save_checkpoint, save_sharded_checkpoint
 from resstream.runs.config import RunConfig
-from resstream.train.distributed import all_reduce_sum
-from resstream.train.evaluate import evaluate
+from resstream.train.distributed import barrier
 from resstream.train.optim import lr_at
+from resstream.train.resume import load_checkpoint
 from resstream.train.setup import Session, peak_memory_mb, setup_session
 
-# Settings that may change when resuming (they do not alter the computation of a step).
-RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last"}
+# Settings that may change when resuming (they do not alter the computation of a step; the
+# process layout only changes the order of floating-point sums).
+RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last",
+                  *(f"parallel.{k}" for k in ("fsdp", "pp", "virtual_stages", "schedule", "microbatches", "pp_cache"))}
 
 
 @dataclass
@@ -111,18 +106,13 @@ def train(cfg: RunConfig, out: Path | str | None = None, resume: bool = False, p
 
 def _resume(s: Session, trust_unverified: bool = False) -> tuple[int, _Window]:
     """Load the newest good checkpoint (model, optimizer, RNG, logging window): its step (0 if none)."""
-    found = latest_good_checkpoint(s.out, warn=None if s.d.is_main else (lambda m: None), trust_unverified=trust_unverified)
-    if found is None and list_checkpoints(s.out):  # restarting would throw the run's history away
+    state = load_checkpoint(s, trust_unverified)
+    if state is None and list_checkpoints(s.out):  # restarting would throw the run's history away
         raise ConfigError(f"no checkpoint of {s.out} can be used (see the warnings above); nothing was changed. "
                           "Pass --trust-unverified if they only lack hashes, or start a new run")
-    if found is None:
+    if state is None:
         s.say(f"no checkpoint in {s.out} yet; starting from step 0")
         return 0, _Window()
-    _, state, model_sd, opt_sd = found
-    load_model_state(s.model, model_sd)
-    rng = {k: v for k, v in opt_sd.items() if k.startswith("rng.")}
-    optimizer_from_tensors(s.opt, {k: v for k, v in opt_sd.items() if not k.startswith("rng.")}, state["optimizer"])
-    torch.set_rng_state(rng["rng.cpu"])
     s.say(f"resuming {s.out} from step {state['step']}")
     return state["step"], _Window.restored(state.get("window"))
 
@@ -159,11 +149,11 @@ def _write_metadata(s: Session, step: int) -> None:
     import resstream
 
     meta = {
-        "run": s.cfg.to_dict(), "model": s.model.cfg.to_dict(), "data_dir": str(s.data.dir),
+        "run": s.cfg.to_dict(), "model": s.model_meta["model"], "data_dir": str(s.data.dir),
         "data_stats": s.data.stats, "config_hash": s.cfg.hash(), "resstream": resstream.__version__,
         "torch": torch.__version__, "world_size": s.d.world, "device": str(s.device),
-        "dtype": str(s.dtype).replace("torch.", ""), "params": s.model.num_params(),
-        "params_residual": s.model.num_params(residual_only=True),
+        "dtype": str(s.dtype).replace("torch.", ""), "params": s.model_meta["params"],
+        "params_residual": s.model_meta["params_residual"],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     folder.write_run_config(s.out, meta)
@@ -172,27 +162,22 @@ def _write_metadata(s: Session, step: int) -> None:
     folder.write_status(s.out, "running", step)
 
 
-def _step(s: Session, fwd, step: int) -> tuple[float, float, float]:
+def _step(s: Session, step: int) -> tuple[float, float, float]:
     """One optimizer step's forward and backward over its micro-batches: (mean loss, grad norm, lr).
     The optimizer itself is stepped by the caller, once the loss is known to be finite."""
-    tc, d = s.cfg.train, s.d
+    tc, rt = s.cfg.train, s.rt
     lr = lr_at(step, tc)
     for g in s.opt.param_groups:
         g["lr"] = lr
+    rt.start_step()
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_micro = tc.grad_accum
     for micro in range(n_micro):
-        x, y = train_batch(s.data.train, tc.seed, step, micro, n_micro, d.rank, d.world, tc.batch_size, tc.seq_len)
-        x, y = x.to(s.device), y.to(s.device)
-        sync = contextlib.nullcontext() if (not d.enabled or micro == n_micro - 1) else fwd.no_sync()
-        with sync:
-            with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype != torch.float32):
-                _, loss = fwd(x, y)
-            (loss / n_micro).backward()
-        loss_sum += loss.detach().double().cpu() / n_micro
-    clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip).item()
-    return (all_reduce_sum(loss_sum, d) / d.world).item(), grad_norm, lr
+        x, y = train_batch(s.data.train, tc.seed, step, micro, n_micro, rt.replica, rt.replicas, tc.batch_size, tc.seq_len)
+        loss_sum += rt.forward_backward(x.to(s.device), y.to(s.device), 1.0 / n_micro, sync=micro == n_micro - 1)
+    rt.finish_backward()
+    grad_norm = rt.clip_grad_norm(tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    return rt.mean_loss(loss_sum), grad_norm, lr
 
 
 def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_start: float) -> dict:
@@ -203,9 +188,10 @@ def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_st
     if step % tc.log_every == 0 or step == tc.steps:
         tps = w.timed * tokens_per_step / w.time if w.timed else None
         row.update(train_loss=w.loss / w.steps, lr=lr, grad_norm=grad_norm, **({"tokens_per_s": tps} if tps else {}))
+        row.update(s.rt.traffic() or {})  # pipeline: per rank, tensors and bytes between stages in the step
         w.loss, w.steps, w.time, w.timed = 0.0, 0, 0.0, 0
     if step % tc.eval_every == 0 or step == tc.steps:
-        w.last_val = evaluate(s.model, s.vbatches, s.token_bytes, s.device, s.dtype, s.d)
+        w.last_val = s.rt.evaluate(s.vbatches, s.token_bytes)
         row.update(val_loss=w.last_val[0], val_bpb=w.last_val[1])
     if row and s.d.is_main:
         row = {"step": step, "tokens": step * tokens_per_step, **row,
@@ -214,20 +200,21 @@ def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_st
     return row
 
 
-def _params_finite(s: Session) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in s.model.parameters())
-
-
 def _save(s: Session, step: int, w: _Window) -> bool:
-    """Checkpoint ``step`` if every parameter is finite (every rank checks; the main rank
-    writes). A non-finite model is never written: the newest checkpoint stays a good one."""
-    if not _params_finite(s):
+    """Checkpoint ``step`` if every parameter is finite (every rank checks its own and they
+    agree). A non-finite model is never written: the newest checkpoint stays a good one. Every
+    rank calls it: a sharded checkpoint is written by all, a plain one by the main rank."""
+    if not s.rt.params_finite():
         s.say(f"parameters are not finite after step {step}; no checkpoint written")
         return False
+    tc = s.cfg.train
+    extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash(), "window": w.saved(),
+             "world_size": s.d.world}
+    if s.rt.sharded:
+        save_sharded_checkpoint(s.out, step, s.rt.module, s.opt, extra, tc.keep_last)
+    elif s.d.is_main:
+        save_checkpoint(s.out, step, s.rt.module, s.opt, extra, tc.keep_last)
     if s.d.is_main:
-        tc = s.cfg.train
-        extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash(), "window": w.saved()}
-        save_checkpoint(s.out, step, s.model, s.opt, extra, tc.keep_last)
         folder.write_status(s.out, "running", step)  # a killed run's status still names its newest checkpoint
     return True
 
@@ -236,16 +223,13 @@ def _run(s: Session, step: int, progress: bool, stop_after: int | None, w: _Wind
     """The steps from ``step`` to train.steps, then the final status. "last good step" is the
     newest step whose checkpoint was written (finite), never a step that diverged."""
     tc, d = s.cfg.train, s.d
-    fwd = DDP(s.model) if d.enabled else s.model
-    if tc.compile:
-        fwd = torch.compile(fwd)
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and d.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)
     w = w or _Window()
     status, last_good, t_start = "finished", step, time.perf_counter()
     try:
         while step < tc.steps:
             t0, c0 = time.perf_counter(), compile_seconds()
-            train_loss, grad_norm, lr = _step(s, fwd, step)
+            train_loss, grad_norm, lr = _step(s, step)
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 status = "diverged"
                 s.say(f"run diverged at step {step + 1} (loss {train_loss}, grad norm {grad_norm}); last good step {last_good}")
@@ -294,5 +278,6 @@ def _finish(s: Session, status: str, step: int, last_good: int, w: _Window, t_st
     if s.d.is_main:
         folder.write_status(s.out, status, last_good, val_loss=w.last_val[0], val_bpb=w.last_val[1],
                             tokens_per_s=tps, wall_s=wall, compile_s=w.compile_s)
+    barrier(s.d)  # every process returns once the run folder is complete
     return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall,
                      w.compile_s)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from resstream.config import TrainConfig
+from resstream.model.config import ModelConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,6 +31,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def optimizer_index_names(cfg: ModelConfig, weight_decay: float) -> list[str]:
+    """Parameter names in the order make_optimizer numbers a whole LM's parameters (the indices
+    of its state_dict), from a model built on the meta device (no memory, no RNG)."""
+    from resstream.model import LM
+
+    with torch.device("meta"):
+        model = LM(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in param_groups(model, weight_decay) for p in g["params"]]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -1,5 +1,6 @@
-"""Everything a run needs before its first step: device, precision, processes, data, model,
-optimizer. Whatever can fail on bad input fails here, before the run folder is touched."""
+"""Everything a run needs before its first step: device, precision, processes and their
+layout, data, model, optimizer. Whatever can fail on bad input fails here, before the run
+folder is touched."""
 from __future__ import annotations
 
 import resource
@@ -16,6 +17,9 @@ from resstream.data.batches import train_batch, val_batches
 from resstream.model import LM
 from resstream.model.config import ModelConfig
 from resstream.model.memory import check_memory
+from resstream.parallel.config import check_layout
+from resstream.parallel.mesh import build_mesh
+from resstream.parallel.runtime import Runtime, make_runtime
 from resstream.runs import folder
 from resstream.runs.config import RunConfig
 from resstream.runs.lock import RunLock
@@ -26,7 +30,8 @@ from resstream.train.optim import make_optimizer
 
 @dataclass
 class Session:
-    """One run's live objects, shared by the loop's steps."""
+    """One run's live objects, shared by the loop's steps. ``rt`` runs the model, whatever
+    the layout (parallel/runtime.py); ``model_meta``: the whole model's config and sizes."""
 
     cfg: RunConfig
     out: Path
@@ -34,7 +39,8 @@ class Session:
     device: torch.device
     dtype: torch.dtype
     data: PreparedData
-    model: LM
+    rt: Runtime
+    model_meta: dict
     opt: torch.optim.Optimizer
     vbatches: list
     token_bytes: torch.Tensor
@@ -79,11 +85,8 @@ def _processes(cfg: RunConfig) -> tuple[Dist, torch.device, torch.dtype]:
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
-    if tc.batch_size % (tc.grad_accum * d.world):
-        raise ConfigError(
-            f"train.batch_size: {tc.batch_size} sequences cannot be split over grad_accum={tc.grad_accum} x "
-            f"{d.world} processes; make it a multiple of {tc.grad_accum * d.world}"
-        )
+    n_layers = cfg.model_config(cfg.data.vocab_size).n_layers  # the tokenizer's vocabulary does not matter here
+    check_layout(cfg.parallel, d.world, n_layers, tc.batch_size, tc.grad_accum, tc.compile)
     return d, device, dtype
 
 
@@ -104,27 +107,40 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     mcfg = cfg.model_config(data.vocab_size)
     if tc.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len {mcfg.max_seq_len}; raise model.max_seq_len")
-    check_run_memory(tc, mcfg, d.world, device)
+    check_run_memory(tc, mcfg, d.world // cfg.parallel.pp, device)
     vbatches = val_batches(data.val, tc.eval_batches, max(1, tc.batch_size // tc.grad_accum), tc.seq_len)
     train_batch(data.train, tc.seed, 0, 0, 1, 0, 1, tc.batch_size, tc.seq_len)  # fails early if too short
     lock = folder.claim_run_dir(out, resume) if d.is_main else None
     try:
         barrier(d)
-        model = LM(mcfg)
-        torch.manual_seed(tc.seed)
-        model.reset_parameters()
-        model.to(device)
+        rt, meta = _runtime(cfg, mcfg, device, dtype)
     except BaseException:
         if lock is not None:
             folder.discard_unstarted(out, lock)
             lock.release()
         raise
     token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
-    return Session(cfg, out, d, device, dtype, data, model, make_optimizer(model, tc), vbatches, token_bytes, say, lock)
+    return Session(cfg, out, d, device, dtype, data, rt, meta, make_optimizer(rt.module, tc), vbatches, token_bytes, say, lock)
+
+
+def _runtime(cfg: RunConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple[Runtime, dict]:
+    """The whole model, built the same way on every rank, handed to the runtime of the run's
+    layout (which keeps this rank's part); plus what config.json records about the model."""
+    tc, p = cfg.train, cfg.parallel
+    model = LM(mcfg)
+    torch.manual_seed(tc.seed)
+    model.reset_parameters()
+    meta = {"model": mcfg.to_dict(), "params": model.num_params(), "params_residual": model.num_params(residual_only=True)}
+    mesh = build_mesh(p, device)
+    per_replica = tc.batch_size // (tc.grad_accum * mesh.dp)
+    microbatch = (per_replica // p.n_microbatches if p.pp > 1 else per_replica, tc.seq_len)
+    return make_runtime(model, p, mesh, device, dtype, microbatch, tc.compile), meta
 
 
 def check_run_memory(tc: TrainConfig, mcfg: ModelConfig, world: int, device: torch.device) -> None:
-    """Refuse, before anything is allocated, a model and batch that cannot fit (model/memory.py)."""
+    """Refuse, before anything is allocated, a model and batch that cannot fit (model/memory.py).
+    ``world``: the processes a batch is split over. The whole model is counted on each process,
+    which overestimates what FSDP or a pipeline leaves on one."""
     knobs = {
         "data.vocab_size": (mcfg.vocab_size, DataConfig.vocab_size, {"weights": 1, "activations": 1}),
         "train.batch_size": (tc.batch_size, TrainConfig.batch_size, {"activations": 1}),

@@ -32,7 +32,7 @@ from resstream.residual.attnres.phases import Phase1, Phase2, merge
 from resstream.residual.attnres.queries import PseudoQueries
 from resstream.residual.attnres.recompute import RecomputesInput
 from resstream.residual.attnres.reference import block_attnres_reference
-from resstream.residual.base import State, register
+from resstream.residual.base import Boundary, State, register
 
 
 @dataclass
@@ -142,6 +142,18 @@ class BlockAttnRes(RecomputesInput, PseudoQueries):
             return lambda: mix(a, blocks)
         p, q, lse_i = state["partial"], state["q"][l].detach(), lse[..., i].detach()
         return lambda: merge(mix(a, blocks), p, q, lse_i, self.eps)[0]
+
+    def stage_boundary(self, state: State, l: int) -> Boundary:
+        # completed blocks never change (history); the open block's partial sum does (fresh)
+        fresh = {} if state["partial"] is None else {"partial": state["partial"]}
+        return Boundary(fresh=fresh, history={f"b{j}": b for j, b in enumerate(state["blocks"])})
+
+    def from_boundary(self, boundary: Boundary, l: int) -> State:
+        L, l0 = self.n_sublayers, l - l % self.S  # l0: the open block's first sublayer; phase 1 is redone for it
+        blocks = [(j, min(j * self.S, L), L, boundary.history[f"b{j}"]) for j in range(len(boundary.history))]
+        q, sums, blocks, logits = self.reopen_sources(blocks, l0)
+        state = {"blocks": blocks, "logits": logits, "partial": boundary.fresh.get("partial"), "q": q, "sums": sums}
+        return {**state, "phase1": self._phase1(state, l0)}
 
     def source_names(self, l: int) -> list[str]:
         if l >= self.n_sublayers:

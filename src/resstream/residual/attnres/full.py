@@ -34,7 +34,7 @@ from resstream.residual.attnres.lean import HistoryDecoder
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
 from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
-from resstream.residual.base import State, register
+from resstream.residual.base import Boundary, State, register
 
 
 class SourceHistory(PseudoQueries):
@@ -79,6 +79,20 @@ class SourceHistory(PseudoQueries):
     def source_names(self, l: int) -> list[str]:
         first = 0 if self.window is None else max(0, l - self.window)
         return ["emb"] + [f"f{i}" for i in range(first, l)]
+
+    def stage_boundary(self, state: State, l: int) -> Boundary:
+        # a source never changes once written: all history, named by id (v_i = f_{i-1})
+        return Boundary(history={f"v{i}": v for i, v in zip(state["ids"], state["values"])})
+
+    def from_boundary(self, boundary: Boundary, l: int) -> State:
+        L = self.n_sublayers
+        first = 1 if self.window is None else max(1, l - self.window + 1)
+        ids = (0, *range(first, l + 1))
+        # source i is read by rows i..L (the embedding always; an output until it leaves the window)
+        last = [L if i == 0 or self.window is None else min(i - 1 + self.window, L) for i in ids]
+        q, sums, values, logits = self.reopen_sources(
+            [(i, i, end, boundary.history[f"v{i}"]) for i, end in zip(ids, last)], l)
+        return {"values": values, "ids": ids, "logits": logits, "q": q, "sums": sums}
 
 
 @dataclass

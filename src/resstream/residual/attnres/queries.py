@@ -70,3 +70,16 @@ class PseudoQueries(ResidualStream):
         sums = new_grad_sums()
         emb = as_source(emb, sums, 0)
         return q, sums, emb, normed_logit_columns(emb, q, self.eps)
+
+    def reopen_sources(self, sources: list[tuple[int, int, int, Tensor]], l: int):
+        """Resume a forward at sublayer l (a pipeline cut): (effective queries, gradient sums or
+        None, the sources, their logit columns). ``sources``: (id, first row, last row, tensor)
+        per source; its columns are indexed by row - first row, as when it was written, but
+        computed for rows l..last only (None below l: rows read on an earlier stage)."""
+        q, sums = self.effective_queries(), new_grad_sums()
+        values, logits = [], []
+        for i, first, last, v in sources:
+            v = as_source(v, sums, i)
+            values.append(v)
+            logits.append((None,) * (l - first) + normed_logit_columns(v, q[l : last + 1], self.eps))
+        return q, sums, tuple(values), tuple(logits)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from resstream.config import ConfigBase, require
-from resstream.residual.base import ResidualStream, State, stats_dtype
+from resstream.residual.base import Boundary, ResidualStream, State, stats_dtype
 
 # hc's s_a, s_b and mhc's a_pre, a_post, a_res at init (HC Algorithm 2; mHC Table 5).
 INIT_SCALE = 0.01
@@ -83,9 +83,10 @@ class ScaledProjection(torch.autograd.Function):
 class Streams(ResidualStream):
     """The n-stream wiring shared by hc and mhc; subclasses supply the coefficients.
 
-    State: ``x`` the input of the next sublayer, ``carry`` its mixed streams res @ H,
-    ``post`` its write weights, ``l`` its index, ``static`` what a forward computes once
-    from the parameters; after the last sublayer, ``H`` the final streams.
+    State: ``H`` the streams, ``x`` the input of the next sublayer, ``carry`` its mixed
+    streams res @ H, ``post`` its write weights, ``l`` its index, ``static`` what a forward
+    computes once from the parameters. A pipeline cut carries H alone (the rest is
+    recomputed from it and the parameters).
     """
 
     identity_at_init = True
@@ -122,7 +123,7 @@ class Streams(ResidualStream):
         x = x.squeeze(-2).contiguous()
         # A static post is copied per token: a stride-0 batch sends baddbmm down a slow path.
         post = post.to(H.dtype).expand(*lead, n).contiguous()
-        return {**state, "l": l, "x": x, "carry": carry, "post": post}
+        return {**state, "l": l, "x": x, "carry": carry, "post": post, "H": H}
 
     def init(self, emb: Tensor) -> State:
         H = emb.unsqueeze(-2).expand(*emb.shape[:-1], self.n, emb.shape[-1])  # [B, T, n, D]
@@ -147,3 +148,10 @@ class Streams(ResidualStream):
 
     def finish_weighted(self, state: State) -> tuple[Tensor, None]:
         return state["H"].sum(-2), None
+
+    def stage_boundary(self, state: State, l: int) -> Boundary:
+        return Boundary(fresh={"H": state["H"]})  # the rest is recomputed from H and the parameters
+
+    def from_boundary(self, boundary: Boundary, l: int) -> State:
+        H = boundary.fresh["H"]
+        return self._prepare({"static": self.static_coefficients(stats_dtype(H))}, H, l)
