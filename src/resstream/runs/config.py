@@ -20,6 +20,7 @@ from resstream.config import (
     require,
 )
 from resstream.model.config import ModelConfig
+from resstream.parallel.config import ParallelConfig
 from resstream.residual.base import available_kinds, get_kind
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
@@ -34,6 +35,7 @@ class RunConfig(ConfigBase):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model config, with the vocabulary size taken from the tokenizer."""

@@ -10,9 +10,15 @@ import torch.distributed as dist
 
 @dataclass
 class Dist:
+    """This process's place in the launch. ``data_rank`` / ``data_world``: its place among
+    the processes that read different batches (all of them, unless tensor-parallel peers
+    share a batch: then world / tp)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    data_rank: int = 0
+    data_world: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +36,8 @@ def init_distributed(device_type: str) -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return Dist(rank=rank, world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), data_rank=rank, data_world=world)
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:

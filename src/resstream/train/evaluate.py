@@ -11,12 +11,14 @@ from resstream.train.distributed import Dist, all_reduce_sum
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, token_bytes: torch.Tensor, device, dtype, d: Dist) -> tuple[float, float]:
-    """Validation loss (nats per token) and bits per byte over fixed batches, split across ranks."""
+    """Validation loss (nats per token) and bits per byte over fixed batches, split across the
+    data-parallel ranks. Tensor-parallel peers evaluate the same batches: the sums over all
+    processes then count each batch tp times, numerator and denominators alike."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for i, (x, y) in enumerate(batches):
-        if i % d.world != d.rank:
+        if i % d.data_world != d.data_rank:
             continue
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

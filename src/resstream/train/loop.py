@@ -8,7 +8,6 @@ uninterrupted run step for step, and every kind in a comparison sees the same da
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import sys
@@ -23,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from resstream.data.batches import train_batch
+from resstream.parallel import tensor as tp_
 from resstream.runs import folder
 from resstream.config import ConfigError
 from resstream.runs.checkpoint import (
@@ -39,7 +39,8 @@ from resstream.train.optim import lr_at
 from resstream.train.setup import Session, peak_memory_mb, setup_session
 
 # Settings that may change when resuming (they do not alter the computation of a step).
-RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last"}
+# parallel.tp may change too: checkpoints hold full tensors whatever the split.
+RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last", "parallel.tp"}
 
 
 @dataclass
@@ -175,16 +176,19 @@ def _step(s: Session, fwd, step: int) -> tuple[float, float, float]:
     loss_sum = torch.zeros((), dtype=torch.float64)
     n_micro = tc.grad_accum
     for micro in range(n_micro):
-        x, y = train_batch(s.data.train, tc.seed, step, micro, n_micro, d.rank, d.world, tc.batch_size, tc.seq_len)
+        x, y = train_batch(s.data.train, tc.seed, step, micro, n_micro, d.data_rank, d.data_world, tc.batch_size, tc.seq_len)
         x, y = x.to(s.device), y.to(s.device)
-        sync = contextlib.nullcontext() if (not d.enabled or micro == n_micro - 1) else fwd.no_sync()
-        with sync:
+        with tp_.gradient_sync(fwd, enabled=micro == n_micro - 1):
             with torch.autocast(s.device.type, dtype=s.dtype, enabled=s.dtype != torch.float32):
                 _, loss = fwd(x, y)
             (loss / n_micro).backward()
         loss_sum += loss.detach().double().cpu() / n_micro
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip).item()
+    if s.mesh is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), clip).item()
+    else:  # DTensor parameters: the norm counts each shard once
+        grad_norm = tp_.clip_grad_norm(s.model.parameters(), clip)
+    # Tensor-parallel peers hold the same loss: the mean over all processes is the dp mean.
     return (all_reduce_sum(loss_sum, d) / d.world).item(), grad_norm, lr
 
 
@@ -207,7 +211,9 @@ def _record(s: Session, step: int, w: _Window, lr: float, grad_norm: float, t_st
 
 
 def _params_finite(s: Session) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in s.model.parameters())
+    """Every parameter finite, on every rank (under tensor parallelism each rank sees its shards;
+    the ranks agree, so they all save or all skip)."""
+    return tp_.on_every_rank(all(bool(torch.isfinite(tp_.local(p)).all()) for p in s.model.parameters()))
 
 
 def _save(s: Session, step: int, w: _Window) -> bool:
@@ -216,10 +222,12 @@ def _save(s: Session, step: int, w: _Window) -> bool:
     if not _params_finite(s):
         s.say(f"parameters are not finite after step {step}; no checkpoint written")
         return False
+    # DTensors are gathered into full tensors first: a collective every process takes part in.
+    model_sd, opt_sd = tp_.full_state(s.model.state_dict()), tp_.full_state(s.opt.state_dict())
     if s.d.is_main:
         tc = s.cfg.train
         extra = {"tokens": step * tc.batch_size * tc.seq_len, "config_hash": s.cfg.hash(), "window": w.saved()}
-        save_checkpoint(s.out, step, s.model, s.opt, extra, tc.keep_last)
+        save_checkpoint(s.out, step, model_sd, opt_sd, extra, tc.keep_last)
         folder.write_status(s.out, "running", step)  # a killed run's status still names its newest checkpoint
     return True
 
@@ -228,7 +236,7 @@ def _run(s: Session, step: int, progress: bool, stop_after: int | None, w: _Wind
     """The steps from ``step`` to train.steps, then the final status. "last good step" is the
     newest step whose checkpoint was written (finite), never a step that diverged."""
     tc, d = s.cfg.train, s.d
-    fwd = DDP(s.model) if d.enabled else s.model
+    fwd = DDP(s.model) if d.enabled and s.mesh is None else s.model  # dp x tp: replicated in setup
     if tc.compile:
         fwd = torch.compile(fwd)
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and d.is_main), unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -2,6 +2,7 @@
 optimizer. Whatever can fail on bad input fails here, before the run folder is touched."""
 from __future__ import annotations
 
+import dataclasses
 import resource
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from resstream.data.batches import train_batch, val_batches
 from resstream.model import LM
 from resstream.model.config import ModelConfig
 from resstream.model.memory import check_memory
+from resstream.parallel import tensor as tp_
 from resstream.runs import folder
 from resstream.runs.config import RunConfig
 from resstream.runs.lock import RunLock
@@ -39,6 +41,7 @@ class Session:
     token_bytes: torch.Tensor
     say: Callable[[str], None]
     lock: RunLock | None = None  # the run folder's, held by the main rank until the run ends
+    mesh: object = None  # the (dp, tp) DeviceMesh under tensor parallelism, else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,7 +73,7 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _processes(cfg: RunConfig) -> tuple[Dist, torch.device, torch.dtype]:
+def _processes(cfg: RunConfig) -> tuple[Dist, torch.device, torch.dtype, object]:
     tc = cfg.train
     device = resolve_device(tc.device)
     dtype = resolve_dtype(tc.dtype, device)
@@ -78,12 +81,16 @@ def _processes(cfg: RunConfig) -> tuple[Dist, torch.device, torch.dtype]:
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
-    if tc.batch_size % (tc.grad_accum * d.world):
+    mesh = None
+    if cfg.parallel.tp > 1:  # tensor-parallel peers share their batch: data splits over dp
+        mesh = tp_.make_mesh(device.type, cfg.parallel.tp)
+        d = dataclasses.replace(d, data_rank=mesh["dp"].get_local_rank(), data_world=mesh["dp"].size())
+    if tc.batch_size % (tc.grad_accum * d.data_world):
         raise ConfigError(
             f"train.batch_size: {tc.batch_size} sequences cannot be split over grad_accum={tc.grad_accum} x "
-            f"{d.world} processes; make it a multiple of {tc.grad_accum * d.world}"
+            f"{d.data_world} data-parallel processes; make it a multiple of {tc.grad_accum * d.data_world}"
         )
-    return d, device, dtype
+    return d, device, dtype, mesh
 
 
 def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Callable[[str], None]) -> Session:
@@ -91,7 +98,7 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     build the model: the same seed gives every residual kind the same non-residual weights (the
     stream initialises its own parameters after the rest), which sharpens paired comparisons."""
     tc = cfg.train
-    d, device, dtype = _processes(cfg)
+    d, device, dtype, mesh = _processes(cfg)
     out = Path(out) if out is not None else default_run_dir(cfg)
     say = log if d.is_main else (lambda s: None)
     if d.is_main:
@@ -102,7 +109,9 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     mcfg = cfg.model_config(data.vocab_size)
     if tc.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len {mcfg.max_seq_len}; raise model.max_seq_len")
-    check_run_memory(tc, mcfg, d.world, device)
+    if mesh is not None:
+        tp_.check_tp(mcfg, cfg.parallel.tp)
+    check_run_memory(tc, mcfg, d.data_world, device)
     vbatches = val_batches(data.val, tc.eval_batches, max(1, tc.batch_size // tc.grad_accum), tc.seq_len)
     train_batch(data.train, tc.seed, 0, 0, 1, 0, 1, tc.batch_size, tc.seq_len)  # fails early if too short
     lock = folder.claim_run_dir(out, resume) if d.is_main else None
@@ -112,13 +121,17 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
         torch.manual_seed(tc.seed)
         model.reset_parameters()
         model.to(device)
+        if mesh is not None:
+            tp_.parallelize(model, mesh["tp"])
+            if mesh["dp"].size() > 1:  # before the optimizer: replicate swaps in new parameters
+                tp_.replicate_over_dp(model, mesh["dp"])
     except BaseException:
         if lock is not None:
             folder.discard_unstarted(out, lock)
             lock.release()
         raise
     token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
-    return Session(cfg, out, d, device, dtype, data, model, make_optimizer(model, tc), vbatches, token_bytes, say, lock)
+    return Session(cfg, out, d, device, dtype, data, model, make_optimizer(model, tc), vbatches, token_bytes, say, lock, mesh)
 
 
 def check_run_memory(tc: TrainConfig, mcfg: ModelConfig, world: int, device: torch.device) -> None:
