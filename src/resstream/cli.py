@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def cmd_train(args) -> int:
         cfg = load_run_config(args.config, args.overrides, preset=args.preset)
         result = train(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
     bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
-    print(f"{result.status}: {result.run_dir} at step {result.step}; val bpb {bpb}; {result.tokens_per_s:.0f} tokens/s")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole launch
+        print(f"{result.status}: {result.run_dir} at step {result.step}; val bpb {bpb}; {result.tokens_per_s:.0f} tokens/s")
     return 0 if result.status in ("finished", "interrupted") else 1
 
 
