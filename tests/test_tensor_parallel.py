@@ -1,13 +1,14 @@
 """Tensor parallelism (resstream.parallel.tensor) over gloo processes reproduces one process:
 loss and every gradient through a few AdamW steps, greedy and seeded generation token for
 token, for prenorm, block_attnres and mhc; the training loop under parallel.tp=2 (and
-dp=2 x tp=2) equals the single-process run; PreNorm waits on each row-parallel all-reduce
-at once.
+dp=2 x tp=2) equals the single-process run, and so does `resstream generate --tp 2`;
+PreNorm waits on each row-parallel all-reduce at once.
 
 Process starts cost seconds, so one launch runs every check and writes its results."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from resstream import LM
 from resstream.config import ConfigError, apply_overrides
 from resstream.runs.config import RunConfig
 from resstream.train import train
+from resstream.runs import generate_from_run
 from resstream.runs.checkpoint import latest_good_checkpoint
 
 KINDS = [("prenorm", {}), ("block_attnres", {"block_size": 3}), ("mhc", {"n_streams": 2})]
@@ -127,6 +129,8 @@ def _worker(rank: int, world: int, port: int, out: str, runs: list, cache: str) 
         results["waits"] = {kind: _waits(kind, tp_mesh) for kind in ("prenorm",)}
     for name, cfg_dict in runs:
         train(RunConfig.from_dict(cfg_dict), Path(out) / name, progress=False, log=lambda s: None)
+        if world == 2:  # `resstream generate RUN --tp 2`, greedy
+            results[f"text-{name}"] = generate_from_run(Path(out) / name, "In the", 12, temperature=0, tp=2, out=io.StringIO())
     if rank == 0:
         (Path(out) / "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -167,6 +171,7 @@ def test_tensor_parallel_two_processes_equal_one(tmp_path):
             assert name == "f64" or (r["greedy_equal"] and r["sampled_equal"]), (case, name, r)
     assert results["waits"]["prenorm"] == [True, True]  # added to h at once
     _assert_same_run(tmp_path / "tp", tmp_path / "single")
+    assert results["text-tp"] == generate_from_run(tmp_path / "tp", "In the", 12, temperature=0, out=io.StringIO())
     meta = json.loads((tmp_path / "tp" / "config.json").read_text())
     assert meta["world_size"] == 2 and meta["run"]["parallel"]["tp"] == 2
 
@@ -180,7 +185,7 @@ def test_tensor_and_data_parallel_four_processes_equal_one(tmp_path):
 
 
 def test_bad_tensor_parallel_settings_fail_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"parallel.tp: 2 needs a multiple of 2 processes, got 1; launch with torchrun"):
+    with pytest.raises(ConfigError, match=r"\(parallel.tp, --tp\) of 2 needs a multiple of 2 processes, got 1; launch with torchrun"):
         train(RunConfig.from_dict(apply_overrides(RUN, ["parallel.tp=2"])), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
     from resstream.parallel.tensor import check_tp

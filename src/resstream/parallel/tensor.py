@@ -20,8 +20,8 @@ rank, so every residual kind runs unchanged::
 DTensor's RowwiseParallel launches the output all-reduce with ``async_op=True`` and hands
 back an AsyncCollectiveTensor, which waits on its first use. Where that first use is
 decides the overlap, and it is the residual stream's choice: PreNorm adds y_l to h right
-away (so it waits at once, synchronous in effect), while Ladder (residual/ladder.py)
-reads y_l only after sublayer l+1 has run, so the all-reduce of y_l runs beside sublayer
+away (so it waits at once, synchronous in effect), while Ladder-Residual (Zhang et al.,
+2025) reads y_l only after sublayer l+1 has run, so the all-reduce of y_l runs beside sublayer
 l+1's matmuls. The backward all-reduces are synchronous for every kind.
 
 Composition with data parallelism uses a 2-D mesh (dp, tp), rank = dp_index * tp +
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 from typing import Iterable
 
@@ -70,11 +71,14 @@ def check_tp(cfg: ModelConfig, tp: int) -> None:
 
 
 def make_mesh(device_type: str, tp: int) -> DeviceMesh:
-    """The 2-D (dp, tp) mesh over every process of the launch; dp = world size / tp."""
+    """The 2-D (dp, tp) mesh over every process of the launch; dp = world size / tp. Joins
+    torchrun's process group first if this process has not yet."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1 or world % tp:
-        raise ConfigError(f"parallel.tp: {tp} needs a multiple of {tp} processes, got {world}; "
-                          f"launch with torchrun --nproc_per_node={tp} (or a multiple)")
+        raise ConfigError(f"tensor parallelism (parallel.tp, --tp) of {tp} needs a multiple of {tp} processes, got "
+                          f"{world}; launch with torchrun --nproc_per_node={tp} (or a multiple)")
     return init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
@@ -202,6 +206,10 @@ def full_state(state: dict) -> dict:
         return v
 
     return full(state)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def shared_seed(seed: int | None) -> int:

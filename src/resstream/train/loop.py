@@ -33,7 +33,7 @@ from resstream.runs.checkpoint import (
     save_checkpoint,
 )
 from resstream.runs.config import RunConfig
-from resstream.train.distributed import all_reduce_sum
+from resstream.train.distributed import all_reduce_sum, barrier
 from resstream.train.evaluate import evaluate
 from resstream.train.optim import lr_at
 from resstream.train.setup import Session, peak_memory_mb, setup_session
@@ -289,4 +289,5 @@ def _finish(s: Session, status: str, step: int, last_good: int, w: _Window, t_st
     if s.d.is_main:
         folder.write_status(s.out, status, last_good, val_loss=w.last_val[0], val_bpb=w.last_val[1],
                             tokens_per_s=tps, wall_s=wall)
+    barrier(s.d)  # every process returns once the run folder is complete
     return RunResult(s.out, status, step, last_good, w.last_val[0], w.last_val[1], tps, peak_memory_mb(s.device), wall)
