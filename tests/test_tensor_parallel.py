@@ -177,7 +177,7 @@ def test_tensor_parallel_two_processes_equal_one(tmp_path):
 
 
 def test_tensor_and_data_parallel_four_processes_equal_one(tmp_path):
-    cfg = RunConfig.from_dict(apply_overrides(RUN, ["model.residual.kind=\"prenorm\""]))
+    cfg = RunConfig.from_dict({**RUN, "model": {**RUN["model"], "residual": {"kind": "prenorm"}}})
     train(cfg, tmp_path / "single", progress=False, log=lambda s: None)
     tp_cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), ["parallel.tp=2"])).to_dict()
     _launch(4, tmp_path, [("dp2tp2", tp_cfg)])
