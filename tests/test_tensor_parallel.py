@@ -1,8 +1,8 @@
 """Tensor parallelism (resstream.parallel.tensor) over gloo processes reproduces one process:
 loss and every gradient through a few AdamW steps, greedy and seeded generation token for
-token, for prenorm, block_attnres and mhc; the training loop under parallel.tp=2 (and
-dp=2 x tp=2) equals the single-process run, and so does `resstream generate --tp 2`;
-PreNorm waits on each row-parallel all-reduce at once.
+token, for prenorm, ladder, block_attnres and mhc; the training loop under parallel.tp=2
+(and dp=2 x tp=2) equals the single-process run; Ladder leaves each row-parallel
+all-reduce in flight until the next sublayer has run, PreNorm waits at once.
 
 Process starts cost seconds, so one launch runs every check and writes its results."""
 from __future__ import annotations
@@ -27,12 +27,12 @@ from resstream.train import train
 from resstream.runs import generate_from_run
 from resstream.runs.checkpoint import latest_good_checkpoint
 
-KINDS = [("prenorm", {}), ("block_attnres", {"block_size": 3}), ("mhc", {"n_streams": 2})]
+KINDS = [("prenorm", {}), ("ladder", {}), ("block_attnres", {"block_size": 3}), ("mhc", {"n_streams": 2})]
 
 RUN = {
     "name": "tp",
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
-              "residual": {"kind": "block_attnres", "block_size": 3}},
+              "residual": {"kind": "ladder"}},
     "data": {"corpus": "kjv", "vocab_size": 320, "max_bytes": 120_000},
     "train": {"steps": 4, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "eval_every": 4, "eval_batches": 2,
               "save_every": 4, "log_every": 1, "grad_clip": 0.5},
@@ -126,7 +126,7 @@ def _worker(rank: int, world: int, port: int, out: str, runs: list, cache: str) 
         # change of summation order, TP or not.
         results = {f"{case_id(c)}-{name}": _check_kind(*c, tp_mesh, dtype, steps)
                    for c in KINDS for name, dtype, steps in (("f32", torch.float32, 1), ("f64", torch.float64, 2))}
-        results["waits"] = {kind: _waits(kind, tp_mesh) for kind in ("prenorm",)}
+        results["waits"] = {kind: _waits(kind, tp_mesh) for kind in ("prenorm", "ladder")}
     for name, cfg_dict in runs:
         train(RunConfig.from_dict(cfg_dict), Path(out) / name, progress=False, log=lambda s: None)
         if world == 2:  # `resstream generate RUN --tp 2`, greedy
@@ -170,6 +170,7 @@ def test_tensor_parallel_two_processes_equal_one(tmp_path):
             assert name == "f32" or r["param"] < tol, (case, name, r)
             assert name == "f64" or (r["greedy_equal"] and r["sampled_equal"]), (case, name, r)
     assert results["waits"]["prenorm"] == [True, True]  # added to h at once
+    assert results["waits"]["ladder"] == [False, True]  # in flight while sublayer 1 runs
     _assert_same_run(tmp_path / "tp", tmp_path / "single")
     assert results["text-tp"] == generate_from_run(tmp_path / "tp", "In the", 12, temperature=0, out=io.StringIO())
     meta = json.loads((tmp_path / "tp" / "config.json").read_text())
