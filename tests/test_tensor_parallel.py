@@ -142,7 +142,7 @@ def _launch(world: int, out: Path, runs: list) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
+def _assert_same_run(a: Path, b: Path, same_val: bool = True) -> None:
     _, _, sa, _ = latest_good_checkpoint(a)
     _, _, sb, _ = latest_good_checkpoint(b)
     assert sa.keys() == sb.keys()
@@ -153,7 +153,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert [r["step"] for r in la] == [r["step"] for r in lb]
     for ra, rb in zip(la, lb):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-5 * abs(rb["train_loss"]), (ra, rb)
-    assert abs(la[-1]["val_bpb"] - lb[-1]["val_bpb"]) < 1e-5
+    assert not same_val or abs(la[-1]["val_bpb"] - lb[-1]["val_bpb"]) < 1e-5
 
 
 def test_tensor_parallel_two_processes_equal_one(tmp_path):
@@ -180,9 +180,11 @@ def test_tensor_parallel_two_processes_equal_one(tmp_path):
 def test_tensor_and_data_parallel_four_processes_equal_one(tmp_path):
     cfg = RunConfig.from_dict({**RUN, "model": {**RUN["model"], "residual": {"kind": "prenorm"}}})
     train(cfg, tmp_path / "single", progress=False, log=lambda s: None)
-    tp_cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), ["parallel.tp=2"])).to_dict()
+    # two micro-batches: the data-parallel gradient reduction is skipped for the first
+    # (the global batch is the same; validation batches are half as large, so bpb differs)
+    tp_cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), ["parallel.tp=2", "train.grad_accum=2"])).to_dict()
     _launch(4, tmp_path, [("dp2tp2", tp_cfg)])
-    _assert_same_run(tmp_path / "dp2tp2", tmp_path / "single")
+    _assert_same_run(tmp_path / "dp2tp2", tmp_path / "single", same_val=False)
 
 
 def test_bad_tensor_parallel_settings_fail_in_one_line(tmp_path):
