@@ -15,7 +15,8 @@ Communication, from a separate profiled round per kind (torch.profiler; rank-ave
 - in flight: from each all-reduce's launch on the main thread to the end of its execution
   (gloo's worker-thread event ``gloo:all_reduce``; on CUDA the nccl kernel), summed, as a
   share of the wall time;
-- waiting: the time the main thread spends blocked in ``wait_tensor`` on them;
+- waiting: the time the main thread spends blocked in ``wait_tensor`` on them (CUDA: the
+  time an nccl kernel runs with no other kernel beside it);
 - hidden: 1 - waiting / in flight, the share of the all-reduce time during which the process
   computed something else. PreNorm reads each sublayer output at once, so it hides only the
   little Python work between launching and reading; Ladder reads it one sublayer later;
@@ -139,11 +140,28 @@ def _inside(t: float, windows: list[tuple[float, float]]) -> bool:
     return any(a <= t <= b for a, b in windows)
 
 
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _overlap(a: float, b: float, merged: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged)
+
+
 def comm_profile(model: LM, args, batch: int, device, trace: str | None) -> dict:
-    """Milliseconds of one profiled run of n_steps: wall; per all-reduce, in flight (from its
-    launch on the main thread to the end of its gloo:all_reduce / nccl kernel), busy (the
-    all-reduce event itself) and the main thread's wait_tensor; and how many all-reduces had
-    a main-thread matmul running while in flight. Train mode splits forward / backward."""
+    """Milliseconds of one profiled run of n_steps: wall, and per all-reduce its time in
+    flight, the time it was exposed, and whether compute ran beside it; train mode splits
+    forward / backward (by launch time). CPU (gloo): in flight = from the launch on the main
+    thread to the end of the gloo:all_reduce event on gloo's thread, exposed = the main
+    thread's wait_tensor, compute = main-thread matmuls. CUDA (nccl; not run here): in flight =
+    the nccl kernel, exposed = its time without any other kernel running, compute = the other
+    kernels."""
     session = make_session(model, args, batch, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     ctx = torch.no_grad() if args.mode == "decode" else nullcontext()
@@ -157,23 +175,29 @@ def comm_profile(model: LM, args, batch: int, device, trace: str | None) -> dict
     if trace:
         prof.export_chrome_trace(trace)
     ev = prof.events()
-    is_busy = (lambda e: "nccl" in e.name.lower() and "allreduce" in e.name.lower().replace("_", "")) \
-        if device.type == "cuda" else (lambda e: e.name == "gloo:all_reduce")
     launches = _spans(ev, lambda e: e.name == "c10d::allreduce_")
-    busy = _spans(ev, is_busy)  # executed in launch order
-    waits = [e for e in ev if e.name.endswith("wait_tensor")]
-    main = waits[0].thread if waits else None
-    mm = _spans(ev, lambda e: e.name in MATMULS and e.thread == main)
+    if device.type == "cuda":
+        is_nccl = lambda e: "nccl" in e.name.lower()  # noqa: E731
+        gpu = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+        flights = _spans(gpu, lambda e: is_nccl(e) and "allreduce" in e.name.lower().replace("_", ""))
+        compute = _merge(_spans(gpu, lambda e: not is_nccl(e)))
+        exposed = [(a, (b - a) - _overlap(a, b, compute)) for a, b in flights]  # (when, how long)
+    else:
+        waits = [e for e in ev if e.name.endswith("wait_tensor")]
+        main = waits[0].thread if waits else None
+        done = _spans(ev, lambda e: e.name == "gloo:all_reduce")  # executed in launch order
+        flights = [(l0, b1) for (l0, _), (_, b1) in zip(launches, done)]
+        compute = _merge(_spans(ev, lambda e: e.name in MATMULS and e.thread == main))
+        exposed = [(a, b - a) for a, b in _spans(ev, lambda e: e.name.endswith("wait_tensor") and e.thread == main)]
     fwd = _spans(ev, lambda e: e.name == "forward")
     out = {"wall": wall * 1e3}
     for part in ("fwd", "bwd"):
-        mine = lambda t: (not fwd or _inside(t, fwd)) if part == "fwd" else bool(fwd) and not _inside(t, fwd)  # noqa: E731
-        flights = [(l0, b1, b1 - b0) for (l0, _), (b0, b1) in zip(launches, busy) if mine(l0)]
-        out[f"n_{part}"] = len(flights)
-        out[f"flight_{part}"] = sum(end - start for start, end, _ in flights) / 1e3
-        out[f"busy_{part}"] = sum(d for _, _, d in flights) / 1e3
-        out[f"wait_{part}"] = sum(e.time_range.end - e.time_range.start for e in waits if mine(e.time_range.start)) / 1e3
-        out[f"beside_{part}"] = sum(any(a < end and b > start for a, b in mm) for start, end, _ in flights)
+        mine = (lambda t: not fwd or _inside(t, fwd)) if part == "fwd" else (lambda t: bool(fwd) and not _inside(t, fwd))
+        picked = [f for f, (l0, _) in zip(flights, launches) if mine(l0)]
+        out[f"n_{part}"] = len(picked)
+        out[f"flight_{part}"] = sum(b - a for a, b in picked) / 1e3
+        out[f"wait_{part}"] = sum(d for t, d in exposed if mine(t)) / 1e3
+        out[f"beside_{part}"] = sum(_overlap(a, b, compute) > 0 for a, b in picked)
     return out
 
 
