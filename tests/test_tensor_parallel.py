@@ -27,7 +27,8 @@ from resstream.train import train
 from resstream.runs import generate_from_run
 from resstream.runs.checkpoint import latest_good_checkpoint
 
-KINDS = [("prenorm", {}), ("ladder", {}), ("block_attnres", {"block_size": 3}), ("mhc", {"n_streams": 2})]
+KINDS = [("prenorm", {}), ("ladder", {}), ("block_attnres", {"block_size": 3}),
+         ("block_attnres", {"block_size": 2, "recompute": True}), ("mhc", {"n_streams": 2})]
 
 RUN = {
     "name": "tp",
