@@ -24,7 +24,7 @@ EXTRA_CASES: list[tuple[str, dict]] = [
 ]
 
 # Kinds that own no parameters (tests/residual/test_contract.py checks that every other kind does).
-PARAMETER_FREE_KINDS = {"prenorm", "scaled"}
+PARAMETER_FREE_KINDS = {"prenorm", "scaled", "ladder"}
 
 # (kind, residual options): every registered kind with its defaults, then EXTRA_CASES.
 KIND_CASES: list[tuple[str, dict]] = [(kind, {}) for kind in available_kinds()] + EXTRA_CASES

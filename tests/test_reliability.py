@@ -306,10 +306,10 @@ def test_non_finite_weights_are_never_checkpointed(poison_at, tmp_path, monkeypa
 def test_a_non_finite_checkpoint_is_skipped(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=5)
+    save_checkpoint(tmp_path, 1, model.state_dict(), opt.state_dict(), {}, keep_last=5)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=5)  # as an older version could have
+    save_checkpoint(tmp_path, 2, model.state_dict(), opt.state_dict(), {}, keep_last=5)  # as an older version could have
     warnings = []
     path, state, _, _ = latest_good_checkpoint(tmp_path, warn=warnings.append)
     assert state["step"] == 1 and "non-finite" in warnings[0]

@@ -105,7 +105,7 @@ def test_killed_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     opt = torch.optim.AdamW(model.parameters())
     monkeypatch.setattr(ck, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(run, 10, model, opt, {}, keep_last=2)
+        save_checkpoint(run, 10, model.state_dict(), opt.state_dict(), {}, keep_last=2)
     assert list_checkpoints(run) == good  # the half-written one never became visible
     read_checkpoint(good[-1])
 

@@ -5,7 +5,7 @@
     resstream data prepare [--config FILE] [data.corpus=... ...]
     resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
     resstream diagnose RUN_DIR [--out DIR]
-    resstream generate RUN_DIR --prompt "..." [--max-new-tokens N] ...
+    resstream generate RUN_DIR --prompt "..." [--max-new-tokens N] [--tp N] ...
     resstream kinds
 
 Bad input ends with one line on stderr and exit code 2.
@@ -91,6 +91,7 @@ def cmd_generate(args) -> int:
     generate_from_run(
         Path(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=sys.stdout, trust_unverified=args.trust_unverified,
+        tp=args.tp,
     )
     return 0
 
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--trust-unverified", action="store_true", help="load checkpoints that record no SHA-256")
+    g.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree; launch with torchrun --nproc_per_node=TP (rank 0 prints)")
     g.set_defaults(fn=cmd_generate)
 
     k = sub.add_parser("kinds", help="list the residual kinds")

@@ -75,8 +75,10 @@ class DecodeCache:
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"cache length must be in 1..max_seq_len={cfg.max_seq_len}, got {max_len}")
         p = model.embed.weight
+        # Heads from the module, not the config: under tensor parallelism each rank's
+        # attention holds (and caches) only its share of the KV heads.
         self.layers: list[Optional[KVCache]] = [
-            KVCache(batch, cfg.kv_heads, cfg.head_dim, max_len, p.dtype, p.device) if isinstance(s, Attention) else None
+            KVCache(batch, s.n_kv, s.hd, max_len, p.dtype, p.device) if isinstance(s, Attention) else None
             for s in model.sublayers
         ]
         self.max_len = max_len

@@ -44,6 +44,8 @@ class Attention(nn.Module):
 
     ``kv_cache`` (optional, for decoding): a KVCache whose ``update(k, v)`` appends this call's
     keys and values and returns the full history; positions start at ``kv_cache.pos``.
+    ``n_heads`` / ``n_kv`` count the heads this module computes: all of them, or under tensor
+    parallelism (resstream.parallel.tensor) this rank's share.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -1,11 +1,11 @@
-"""The process layout: a DeviceMesh with dimensions ("pp", "dp") and the groups cut from it.
+"""The process layout: a DeviceMesh with dimensions ("pp", "dp", "tp") and the groups cut from it.
 
-    world = pp x dp;  rank = pp_rank * dp + dp_rank        (pp outermost, dp innermost)
+    world = pp x dp x tp;  rank = (pp_rank * dp + dp_rank) * tp + tp_rank   (pp outermost, tp innermost)
 
 The first dimension is the pipeline: ranks with the same dp_rank form one pipeline (one
 replica of the model, cut into stages); ranks with the same pp_rank hold the same stages
-and split the batch (DDP or FSDP over "dp"). A tensor-parallel dimension goes innermost,
-("pp", "dp", "tp"), so a pipeline stage's TP group stays on neighbouring ranks.
+and split the batch (DDP or FSDP over "dp"). The tensor-parallel dimension is innermost, so a
+TP group stays on neighbouring ranks (one node's GPUs); its ranks read the same batch.
 """
 from __future__ import annotations
 
@@ -30,14 +30,15 @@ class Mesh:
     device_mesh: DeviceMesh | None
     device: torch.device = torch.device("cpu")  # where collectives' tensors live (nccl: the GPU)
     tie_group: dist.ProcessGroup | None = None  # first and last pipeline rank of this replica
+    tp: int = 1
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // self.dp
+        return self.rank // (self.dp * self.tp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank % self.dp
+        return self.rank // self.tp % self.dp
 
     @property
     def pp_group(self) -> dist.ProcessGroup | None:
@@ -51,6 +52,10 @@ class Mesh:
     def dp_mesh(self) -> DeviceMesh:
         return self.device_mesh["dp"]
 
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.device_mesh["tp"]
+
     def all_reduce(self, t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
         """Sum of t over the group (default: every rank), computed where the backend wants it."""
         if self.world == 1:
@@ -60,7 +65,7 @@ class Mesh:
         return on.to(t.device)
 
     def global_rank(self, pp_rank: int, dp_rank: int | None = None) -> int:
-        return pp_rank * self.dp + (self.dp_rank if dp_rank is None else dp_rank)
+        return (pp_rank * self.dp + (self.dp_rank if dp_rank is None else dp_rank)) * self.tp + self.rank % self.tp
 
 
 def build_mesh(p: ParallelConfig, device: torch.device) -> Mesh:
@@ -69,9 +74,9 @@ def build_mesh(p: ParallelConfig, device: torch.device) -> Mesh:
     if not (dist.is_available() and dist.is_initialized()):
         return Mesh(world=1, rank=0, pp=1, dp=1, device_mesh=None, device=device)
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = world // p.pp
-    device_mesh = init_device_mesh(device.type, (p.pp, dp), mesh_dim_names=("pp", "dp"))
-    mesh = Mesh(world, rank, p.pp, dp, device_mesh, device)
+    dp = world // (p.pp * p.tp)
+    device_mesh = init_device_mesh(device.type, (p.pp, dp, p.tp), mesh_dim_names=("pp", "dp", "tp"))
+    mesh = Mesh(world, rank, p.pp, dp, device_mesh, device, tp=p.tp)
     if p.pp > 1:
         # tied embedding and head live on the first and last pipeline rank: their gradients
         # are summed over this pair (new_group is collective: every rank creates every pair)

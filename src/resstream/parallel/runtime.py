@@ -4,6 +4,7 @@ backward, the gradients no wrapper synchronises, the global gradient norm, evalu
     single process / DDP (pp = 1)   LocalRuntime     the whole LM; DDP averages gradients
     FSDP (pp = 1)                   ShardedRuntime   the LM, one FSDP unit per layer
     pipeline (pp > 1)               PipelineRuntime  this rank's stages; FSDP or DDP over dp
+    tensor parallel (tp > 1)        TensorRuntime    heads and MLP units split over tp; DDP-like over dp
 
 The trainer sees only this interface: it never learns which layout (or residual kind) runs.
 """
@@ -23,6 +24,7 @@ from resstream.parallel.fsdp import reshard_all, shard
 from resstream.parallel.grads import clip_grad_norm, local, sync_replicated, sync_tied
 from resstream.parallel.mesh import Mesh
 from resstream.parallel.pipeline import Pipeline, Traffic
+from resstream.parallel import tensor as tp_
 
 
 class Runtime:
@@ -66,6 +68,11 @@ class Runtime:
     def mean_loss(self, loss: Tensor) -> float:
         """The step's loss averaged over replicas, from each process's forward_backward sum."""
         return (self.mesh.all_reduce(loss) / self.replicas).item()
+
+    def full_state(self, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Model and optimizer state dicts of full tensors, for a plain checkpoint (collective
+        under tensor parallelism: every rank calls it)."""
+        return self.module.state_dict(), opt.state_dict()
 
     def traffic(self) -> dict | None:
         """Per rank, tensors and bytes sent/received between pipeline stages in the last
@@ -199,6 +206,40 @@ class PipelineRuntime(Runtime):
         return {name: everyone[:, i].tolist() for i, name in enumerate(names)}
 
 
+class TensorRuntime(Runtime):
+    """Tensor parallelism (parallel.tensor): every rank holds its heads and MLP units as
+    DTensors, the rest replicated; TP peers read the same batch, dp replicas different ones."""
+
+    lockstep = True
+
+    def __init__(self, model: LM, mesh: Mesh, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(mesh, device)
+        self.module = tp_.parallelize(model, mesh.tp_mesh)
+        if mesh.dp > 1:  # before the optimizer is built: replicate swaps in new parameters
+            tp_.replicate_over_dp(model, mesh.dp_mesh)
+        self.autocast = lambda: _autocast(device, dtype)
+
+    def forward_backward(self, x: Tensor, y: Tensor, scale: float, sync: bool) -> Tensor:
+        with tp_.gradient_sync(self.module, enabled=sync):
+            with self.autocast():
+                _, loss = self.module(x, y)
+            (loss * scale).backward()
+        return loss.detach().double().cpu() * scale
+
+    def mean_loss(self, loss: Tensor) -> float:
+        return (self.mesh.all_reduce(loss) / self.mesh.world).item()  # TP peers hold the same loss
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return tp_.clip_grad_norm(self.module.parameters(), max_norm)  # DTensors: each shard counted once
+
+    def logits(self, x: Tensor) -> Tensor:
+        with self.autocast():
+            return self.module(x)
+
+    def full_state(self, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+        return tp_.full_state(self.module.state_dict()), tp_.full_state(opt.state_dict())
+
+
 def make_runtime(model: LM, p: ParallelConfig, mesh: Mesh, device: torch.device, dtype: torch.dtype,
                  microbatch: tuple[int, int], compile: bool = False) -> Runtime:
     """The runtime for ``p`` on ``mesh``. ``model``: the full LM, built and initialised the same
@@ -206,6 +247,8 @@ def make_runtime(model: LM, p: ParallelConfig, mesh: Mesh, device: torch.device,
     if p.pp > 1:  # only this rank's stages move to the device
         return PipelineRuntime(model, p, mesh, device, dtype, microbatch)
     model.to(device)
+    if p.tp > 1:
+        return TensorRuntime(model, mesh, device, dtype)
     if p.fsdp and mesh.world > 1:
         return ShardedRuntime(model, mesh, device, dtype)
     return LocalRuntime(model, mesh, device, dtype, compile)

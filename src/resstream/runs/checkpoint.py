@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from resstream.parallel.checkpoint import write_sharded
 from resstream.runs.folder import fsync_dir
@@ -50,9 +51,8 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- optimizer state
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def optimizer_to_tensors(sd: dict) -> tuple[dict, dict]:
     """Flatten an optimizer state dict into named tensors plus JSON-able group settings."""
-    sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
@@ -62,11 +62,22 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": groups}
 
 
+def _like(t: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """``t`` split like ``target`` when that is a DTensor of the same shape. Every process has
+    read the same full tensor, so each keeps its own slice without communicating."""
+    if isinstance(target, DTensor) and t.shape == target.shape:
+        return distribute_tensor(t.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    return t
+
+
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Load what optimizer_to_tensors saved; state shaped like a DTensor parameter (a
+    tensor-parallel model) is split like that parameter."""
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict] = {}
     for name, t in tensors.items():
         _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+        state.setdefault(int(idx), {})[key] = _like(t, params[int(idx)] if int(idx) < len(params) else None)
     groups = meta["param_groups"]
     for g in groups:  # JSON turned tuples into lists
         if "betas" in g:
@@ -81,9 +92,9 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    extra: dict, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the last ``keep_last``."""
+def save_checkpoint(run_dir: Path, step: int, model_sd: dict, opt_sd: dict, extra: dict, keep_last: int) -> Path:
+    """Write checkpoint ``step`` (a model's and an optimizer's state dicts, full tensors)
+    atomically and prune all but the last ``keep_last``."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(run_dir, step)
@@ -92,19 +103,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch
         shutil.rmtree(tmp)
     tmp.mkdir()
     # Tied weights appear twice in the state dict; store each storage once.
-    model_sd, seen = {}, {}
-    for k, v in model.state_dict().items():
+    model_tensors, seen = {}, {}
+    for k, v in model_sd.items():
         key = (v.data_ptr(), v.shape)
         if key in seen:
             continue
         seen[key] = k
-        model_sd[k] = v.detach().cpu().contiguous()
-    opt_tensors, opt_meta = optimizer_to_tensors(opt)
+        model_tensors[k] = v.detach().cpu().contiguous()
+    opt_tensors, opt_meta = optimizer_to_tensors(opt_sd)
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"rng.cuda{i}"] = s
-    for name, tensors in zip(TENSOR_FILES, (model_sd, {**opt_tensors, **rng})):
+    for name, tensors in zip(TENSOR_FILES, (model_tensors, {**opt_tensors, **rng})):
         save_file(tensors, str(tmp / name))
     _seal(tmp, final, {"step": step, **extra, "optimizer": opt_meta}, keep_last)
     return final
@@ -241,14 +252,15 @@ def latest_good_checkpoint(run_dir: Path, warn=None, trust_unverified: bool = Fa
 
 
 def load_model_state(model: torch.nn.Module, model_sd: dict) -> None:
-    """Load tensors saved by save_checkpoint (tied weights stored once)."""
+    """Load tensors saved by save_checkpoint (tied weights stored once) into a model, plain or
+    split into DTensors (each process keeps its slice of the full tensor)."""
     expected = model.state_dict()
     wrong = [k for k, v in model_sd.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
         raise CheckpointError(f"checkpoint does not fit the model: {k} is {tuple(model_sd[k].shape)} in the checkpoint, "
                               f"{tuple(expected[k].shape)} in the model (was the run's config.json edited?)")
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    missing, unexpected = model.load_state_dict({k: _like(v, expected.get(k)) for k, v in model_sd.items()}, strict=False)
     tied = {"head.weight"} if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

@@ -2,6 +2,7 @@
 and generation from it. Readers of runs (generate, diagnose, the comparison report) come here."""
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from typing import Optional, TextIO
@@ -85,13 +86,22 @@ def load_run(run_dir: Path | str, device: str = "cpu", trust_unverified: bool = 
 
 def generate_from_run(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                      out: TextIO = sys.stdout, trust_unverified: bool = False) -> str:
+                      out: TextIO = sys.stdout, trust_unverified: bool = False, tp: int = 1) -> str:
     """Load a run (its newest good checkpoint), write the prompt and its streamed continuation
     to ``out``, and return the continuation. Stops early at the run's end-of-text token.
-    Warnings (a checkpoint skipped, ...) go to stderr, never into ``out``."""
+    Warnings (a checkpoint skipped, ...) go to stderr, never into ``out``.
+
+    ``tp`` > 1: tensor-parallel over the processes of a torchrun launch (a multiple of tp);
+    every rank computes the same tokens (one shared seed), rank 0 writes them."""
     check_sampling(temperature, top_k, top_p, seed)  # before the model is loaded
     model, _run_config, tokenizer, eot = load_run_model(run_dir, trust_unverified=trust_unverified, prompt=prompt,
                                                         max_new_tokens=max_new_tokens)
+    if tp > 1:
+        from resstream.parallel import tensor as tp_
+
+        tp_.parallelize(model, tp_.make_mesh("cpu", tp)["tp"])
+        seed = tp_.shared_seed(seed)
+        out = out if tp_.is_main() else io.StringIO()
     pieces = stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot)
     out.write(prompt)
     out.flush()

@@ -35,7 +35,7 @@ from resstream.train.setup import Session, peak_memory_mb, setup_session
 # Settings that may change when resuming (they do not alter the computation of a step; the
 # process layout only changes the order of floating-point sums).
 RESUMABLE_KEYS = {"train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_last",
-                  *(f"parallel.{k}" for k in ("fsdp", "pp", "virtual_stages", "schedule", "microbatches", "pp_cache"))}
+                  *(f"parallel.{k}" for k in ("fsdp", "pp", "virtual_stages", "schedule", "microbatches", "pp_cache", "tp"))}
 
 
 @dataclass
@@ -212,8 +212,10 @@ def _save(s: Session, step: int, w: _Window) -> bool:
              "world_size": s.d.world}
     if s.rt.sharded:
         save_sharded_checkpoint(s.out, step, s.rt.module, s.opt, extra, tc.keep_last)
-    elif s.d.is_main:
-        save_checkpoint(s.out, step, s.rt.module, s.opt, extra, tc.keep_last)
+    else:
+        model_sd, opt_sd = s.rt.full_state(s.opt)  # under TP a collective: every rank gathers
+        if s.d.is_main:
+            save_checkpoint(s.out, step, model_sd, opt_sd, extra, tc.keep_last)
     if s.d.is_main:
         folder.write_status(s.out, "running", step)  # a killed run's status still names its newest checkpoint
     return True

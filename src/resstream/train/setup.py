@@ -20,6 +20,7 @@ from resstream.model.memory import check_memory
 from resstream.parallel.config import check_layout
 from resstream.parallel.mesh import build_mesh
 from resstream.parallel.runtime import Runtime, make_runtime
+from resstream.parallel.tensor import check_tp
 from resstream.runs import folder
 from resstream.runs.config import RunConfig
 from resstream.runs.lock import RunLock
@@ -107,7 +108,9 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     mcfg = cfg.model_config(data.vocab_size)
     if tc.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"train.seq_len: {tc.seq_len} exceeds model.max_seq_len {mcfg.max_seq_len}; raise model.max_seq_len")
-    check_run_memory(tc, mcfg, d.world // cfg.parallel.pp, device)
+    if cfg.parallel.tp > 1:
+        check_tp(mcfg, cfg.parallel.tp)
+    check_run_memory(tc, mcfg, d.world // (cfg.parallel.pp * cfg.parallel.tp), device)
     vbatches = val_batches(data.val, tc.eval_batches, max(1, tc.batch_size // tc.grad_accum), tc.seq_len)
     train_batch(data.train, tc.seed, 0, 0, 1, 0, 1, tc.batch_size, tc.seq_len)  # fails early if too short
     lock = folder.claim_run_dir(out, resume) if d.is_main else None

@@ -53,7 +53,9 @@ def recompute_hooks(x: Tensor, fn: Callable[[], Tensor]) -> torch.autograd.graph
     key, recipe = _tensor_key(x), Recipe(fn)
 
     def pack(t: Tensor):
-        if _tensor_key(t) == key:
+        # x is a plain tensor; subclasses (DTensors under tensor parallelism) have no storage
+        # of their own to compare.
+        if type(t) is Tensor and _tensor_key(t) == key:
             recipe.packs += 1
             return recipe
         return t
