@@ -13,6 +13,7 @@ from resstream.config import (
     ConfigBase,
     ConfigError,
     DataConfig,
+    ScaleConfig,
     TrainConfig,
     apply_overrides,
     config_hash,
@@ -34,6 +35,7 @@ class RunConfig(ConfigBase):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model config, with the vocabulary size taken from the tokenizer."""
