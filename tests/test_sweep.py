@@ -10,7 +10,6 @@ import pytest
 from resstream.compare.decide import run_until_decided
 from resstream.compare.sweep import SweepOptions, cells_for, parse_axes, plan_sweep, split_values, sweep
 from resstream.config import ConfigError, apply_overrides
-from resstream.residual.config import ResidualConfig
 from resstream.runs import folder
 from resstream.runs.config import RunConfig
 
@@ -45,15 +44,8 @@ def test_a_residual_key_applies_to_the_kinds_that_have_it():
     blocks = [c for c in cells if c.residual["kind"] == "block_attnres"]
     assert [c.residual["block_size"] for c in blocks] == [1, 2, 4]
     assert {c.label for c in blocks} == {"block_attnres"}  # the swept option leaves the label
-    try:
-        ResidualConfig.from_dict({"kind": "prenorm", "block_size": 2})
-        prenorm_has_it = True
-    except ConfigError:
-        prenorm_has_it = False
-    pre = [c for c in cells if c.residual["kind"] == "prenorm"]
-    assert len(pre) == (3 if prenorm_has_it else 1)
-    if not prenorm_has_it:
-        assert pre[0].point == {} and pre[0].slug == "unswept"
+    pre = [c for c in cells if c.residual["kind"] == "prenorm"]  # prenorm has no block_size: one reference cell
+    assert len(pre) == 1 and pre[0].point == {} and pre[0].slug == "unswept" and pre[0].residual == {"kind": "prenorm"}
     lr = cells_for(kinds, [("train.lr", [1e-3, 3e-3])])
     assert len(lr) == 4 and lr[0].overrides == ["train.lr=0.001"]
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from resstream.compare.sizes import build_on_meta
 from resstream.config import MAX_SEEDS, ConfigError, apply_overrides
 from resstream.residual.config import parse_specs, spec_label
 from resstream.runs.config import RunConfig
@@ -63,6 +64,8 @@ def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[st
             raise ConfigError(f"--tokens: {opts.tokens} is less than one step ({per_step} tokens)")
         overrides.append(f"train.steps={math.ceil(opts.tokens / per_step)}")
     base = RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    for _, residual in kinds:  # every kind's model builds (on the meta device) before any run starts
+        build_on_meta({**base.model, "residual": residual}, base.data.vocab_size)
     seeds = [base.train.seed + i for i in range(n_seeds)]
     return base, kinds, seeds
 

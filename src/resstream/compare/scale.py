@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resstream.compare.run import choose_baseline, plan
-from resstream.compare.sizes import Size, build_sizes, parse_counts, parse_shapes, shape_for_params
+from resstream.compare.sizes import (Size, build_on_meta, build_sizes, parse_counts, parse_shapes, shape_for_params,
+                                     shaped)
 from resstream.config import ConfigError, apply_overrides
 from resstream.runs.config import RunConfig
 
@@ -75,13 +76,14 @@ def plan_scale(cfg: RunConfig, opts: ScaleOptions) -> ScalePlan:
         raise ConfigError(f"--tokens: {tokens} is less than one step ({per_step} tokens)")
     tpp = opts.tokens_per_param if opts.tokens_per_param is not None else sc.tokens_per_param
     sizes = build_sizes(model, vocab, shapes, per_step, tpp, tokens)
+    for size in sizes:  # every kind builds at every size before any run starts
+        for _, residual in kinds:
+            build_on_meta({**shaped(model, size.n_layers, size.d_model), "residual": residual}, vocab)
     return ScalePlan(base, kinds, seeds, sizes, baseline, None if tokens is not None else tpp, tokens)
 
 
 def run_config(p: ScalePlan, size: Size, label: str, residual: dict, seed: int) -> dict:
     """The RunConfig dict of one run: the base at this size, with its steps and evaluations."""
-    from resstream.compare.sizes import shaped
-
     every = max(1, math.ceil(size.steps / p.base.scale.evals))
     name = f"{size.label}-{label}-s{seed}"
     d = apply_overrides(p.base.to_dict(), [f"train.seed={seed}", f"train.steps={size.steps}",

@@ -90,9 +90,9 @@ def shaped(model: dict, n_layers: int, d_model: int) -> dict:
     return out
 
 
-def count_params(model: dict, vocab_size: int) -> tuple[int, int]:
-    """(N, total) of a model section: N excludes the embedding, the head and residual.*.
-    Built on the meta device: nothing is allocated."""
+def build_on_meta(model: dict, vocab_size: int):
+    """The LM of a model section on the meta device (nothing allocated): a shape error of any
+    kind (e.g. channel groups that do not divide d_model) fails here, before training."""
     import torch
 
     from resstream.model.config import ModelConfig
@@ -100,7 +100,12 @@ def count_params(model: dict, vocab_size: int) -> tuple[int, int]:
 
     cfg = ModelConfig.from_dict({**model, "vocab_size": vocab_size}, prefix="model.")
     with torch.device("meta"):
-        lm = LM(cfg)
+        return LM(cfg)
+
+
+def count_params(model: dict, vocab_size: int) -> tuple[int, int]:
+    """(N, total) of a model section: N excludes the embedding, the head and residual.*."""
+    lm = build_on_meta(model, vocab_size)
     seen, n, total = set(), 0, 0
     for name, p in lm.named_parameters():  # named_parameters lists a tied weight once
         if id(p) in seen:

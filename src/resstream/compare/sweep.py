@@ -17,7 +17,7 @@ from pathlib import Path
 
 from resstream.compare.run import CompareOptions, choose_baseline, plan
 from resstream.config import ConfigError, apply_overrides, parse_value
-from resstream.residual.config import ResidualConfig
+from resstream.residual.config import format_spec, option_names, spec_label
 from resstream.runs.config import RunConfig
 
 RESIDUAL = "model.residual."
@@ -96,18 +96,10 @@ def parse_axes(items: list[str]) -> list[tuple[str, list]]:
     return axes
 
 
-def _applies(residual: dict, key: str, value) -> bool:
-    """Whether the kind of ``residual`` has the option ``key`` (model.residual.<option>)."""
-    try:
-        ResidualConfig.from_dict({**residual, key[len(RESIDUAL):]: value}, prefix=RESIDUAL)
-        return True
-    except ConfigError:
-        return False
-
-
-def _label(residual: dict) -> str:
-    opts = [f"{k}={_text(v)}" for k, v in residual.items() if k != "kind"]
-    return "-".join([residual["kind"]] + opts)
+def _applies(residual: dict, key: str) -> bool:
+    """Whether the kind of ``residual`` has the option ``key`` (model.residual.<option>); its
+    values are checked later, with the whole config, so a bad value fails in one line."""
+    return key[len(RESIDUAL):] in option_names(residual["kind"])
 
 
 def cells_for(kinds: list[tuple[str, dict]], axes: list[tuple[str, list]]) -> list[Cell]:
@@ -115,13 +107,13 @@ def cells_for(kinds: list[tuple[str, dict]], axes: list[tuple[str, list]]) -> li
     cells = []
     for _, residual in kinds:
         own = [(k, vs) for k, vs in axes
-               if not k.startswith(RESIDUAL) or all(_applies(residual, k, v) for v in vs)]
+               if not k.startswith(RESIDUAL) or _applies(residual, k)]
         base_res = {k: v for k, v in residual.items() if f"{RESIDUAL}{k}" not in dict(own)}
         for combo in itertools.product(*[vs for _, vs in own]):
             point = dict(zip([k for k, _ in own], combo))
             res = {**base_res, **{k[len(RESIDUAL):]: v for k, v in point.items() if k.startswith(RESIDUAL)}}
             over = [f"{k}={json.dumps(v)}" for k, v in point.items() if not k.startswith(RESIDUAL)]
-            cells.append(Cell(_label(base_res), res, point, over))
+            cells.append(Cell(spec_label(format_spec(base_res)), res, point, over))
     return cells
 
 
@@ -138,11 +130,11 @@ def plan_sweep(cfg: RunConfig, opts: SweepOptions):
                                                   steps=opts.steps, tokens=opts.tokens))
     for k, v in fixed:
         if k.startswith(RESIDUAL):
-            kinds = [(label, {**res, k[len(RESIDUAL):]: v} if _applies(res, k, v) else res) for label, res in kinds]
+            kinds = [(label, {**res, k[len(RESIDUAL):]: v} if _applies(res, k) else res) for label, res in kinds]
     for k, vs in axes:
-        if k.startswith(RESIDUAL) and not any(all(_applies(res, k, v) for v in vs) for _, res in kinds):
+        if k.startswith(RESIDUAL) and not any(_applies(res, k) for _, res in kinds):
             raise ConfigError(f"sweep: '{k}' is not an option of any compared kind "
-                              f"({', '.join(label for label, _ in kinds)}) for all of its values")
+                              f"({', '.join(label for label, _ in kinds)})")
     baseline_spec = choose_baseline(kinds, opts.baseline if opts.baseline is not None else base.compare.baseline)
     cells = cells_for(kinds, axes)
     for c in cells:  # every cell's config must build: bad keys and values fail here, in one line
