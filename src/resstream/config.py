@@ -237,49 +237,21 @@ class TrainConfig(ConfigBase):
 
 @dataclass
 class CompareConfig(ConfigBase):
-    """Defaults for ``resstream compare``: which residual kinds and how many seeds.
-
-    residuals: kinds, each optionally with options: "block_attnres:block_size=4".
-    baseline: the entry of ``residuals`` every other kind is compared with; None: the first.
-    """
+    """Defaults for ``resstream compare``. residuals: kinds, each optionally with options
+    ("block_attnres:block_size=4"); baseline: the entry of ``residuals`` every other kind is
+    compared with (None: the first); max_seeds: the cap of ``--seeds auto``."""
 
     residuals: tuple[str, ...] = ("prenorm", "attnres", "block_attnres")
     seeds: int = 2
     depth_batches: int = 4
     baseline: Optional[str] = None
-    max_seeds: int = 8  # the cap of --seeds auto
+    max_seeds: int = 8
 
     def validate(self) -> None:
         require(len(self.residuals) >= 1, "compare.residuals: name at least one residual kind")
         require(1 <= self.seeds <= MAX_SEEDS, f"compare.seeds: must be in [1, {MAX_SEEDS}], got {self.seeds}")
         require(self.depth_batches >= 1, f"compare.depth_batches: must be >= 1, got {self.depth_batches}")
-        require(self.max_seeds >= 2, f"compare.max_seeds: must be >= 2, got {self.max_seeds}")
-
-
-@dataclass
-class ScaleConfig(ConfigBase):
-    """Defaults for ``resstream scale`` (kinds, seeds and baseline come from ``[compare]``).
-
-    sizes: model shapes "N_LAYERSxD_MODEL"; or params: target parameter counts ("200k", "1.5M"),
-    each turned into a shape with the base model's depth-to-width ratio.
-    tokens_per_param: tokens per run = this x the size's parameters (non-embedding); or
-    tokens: the same number of tokens for every size.
-    evals: validation evaluations per run; bootstrap: resamples of the seeds for intervals.
-    """
-
-    sizes: tuple[str, ...] = ()
-    params: tuple[str, ...] = ()
-    tokens_per_param: float = 20.0
-    tokens: Optional[int] = None
-    evals: int = 8
-    bootstrap: int = 2000
-
-    def validate(self) -> None:
-        require(not (self.sizes and self.params), "scale: give either scale.sizes or scale.params, not both")
-        require(self.tokens_per_param > 0, f"scale.tokens_per_param: must be > 0, got {self.tokens_per_param}")
-        require(self.tokens is None or self.tokens >= 1, f"scale.tokens: must be >= 1, got {self.tokens}")
-        require(self.evals >= 1, f"scale.evals: must be >= 1, got {self.evals}")
-        require(self.bootstrap >= 100, f"scale.bootstrap: must be >= 100, got {self.bootstrap}")
+        require(2 <= self.max_seeds <= MAX_SEEDS, f"compare.max_seeds: must be in [2, {MAX_SEEDS}], got {self.max_seeds}")
 
 
 # ----------------------------------------------------------------------------- files and overrides
