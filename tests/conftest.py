@@ -33,3 +33,26 @@ def _eager_mixing():
     compiled.set_mode("off")
     yield
     compiled.set_mode(mode)
+
+
+@pytest.fixture
+def inline_jobs(monkeypatch):
+    """compare/sweep/scale runs executed in this process instead of one child process each
+    (the child-process path itself is tested once, in test_scale)."""
+    import resstream.compare.jobs as jobs
+
+    class Proc:
+        def __init__(self, target, args):
+            self.target, self.args, self.exitcode = target, args, None
+
+        def start(self):
+            self.target(*self.args)
+            self.exitcode = 0
+
+        def join(self):
+            pass
+
+    class Ctx:
+        Process = Proc
+
+    monkeypatch.setattr(jobs.mp, "get_context", lambda method: Ctx())

@@ -21,6 +21,16 @@ EXTRA_CASES: list[tuple[str, dict]] = [
     # gradients of the first sublayer are ill-conditioned under random queries (1.8e-5 at worst)
     ("depth_swa", {"window": 2, "key_norm_learnable": False}),
     ("depth_swa", {"window": 3}),
+    # the ablations of the AttnRes paper's Table 4 (residual/attnres/variants.py)
+    ("attnres", {"query": "input"}),
+    ("attnres", {"query": "none"}),
+    ("attnres", {"score": "sigmoid"}),
+    ("attnres", {"key_norm": False}),
+    ("attnres", {"heads": 4, "query": "input", "score": "sigmoid", "key_norm_learnable": False}),
+    ("block_attnres", {"heads": 4, "block_size": 2}),
+    ("block_attnres", {"key_norm": False, "block_size": 3}),
+    ("block_attnres", {"query": "input", "block_size": 2}),
+    ("block_attnres", {"query": "none", "score": "sigmoid", "block_size": 4}),
 ]
 
 # Kinds that own no parameters (tests/residual/test_contract.py checks that every other kind does).

@@ -4,6 +4,8 @@
     resstream train    --resume RUN_DIR [--trust-unverified] [train.steps=N ...]
     resstream data prepare [--config FILE] [data.corpus=... ...]
     resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
+    resstream scale    [--preset scale-demo] [--sizes 4x64,6x96 | --params 200k,1M] [--tokens-per-param 20] ...
+    resstream sweep    KEY=V1,V2,... [KEY2=...] [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
     resstream diagnose RUN_DIR [--out DIR]
     resstream generate RUN_DIR --prompt "..." [--max-new-tokens N] [--tp N] ...
     resstream kinds
@@ -67,12 +69,41 @@ def cmd_compare(args) -> int:
     if args.steps is not None and args.tokens is not None:
         raise ConfigError("pass either --steps or --tokens, not both")
     cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "demo"))
+    auto = args.seeds == "auto"
     opts = CompareOptions(
-        residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
+        residuals=args.residuals, seeds=None if auto else args.seeds, steps=args.steps, tokens=args.tokens,
         out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,
-        baseline=args.baseline,
+        baseline=args.baseline, auto_seeds=auto, max_seeds=args.max_seeds,
     )
     compare(cfg, opts)
+    return 0
+
+
+def cmd_scale(args) -> int:
+    from resstream.compare.scale import ScaleOptions, scale
+
+    overrides = list(args.overrides) + ([f"data.corpus={json.dumps(args.corpus)}"] if args.corpus else [])
+    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "scale-demo"))
+    scale(cfg, ScaleOptions(
+        residuals=args.residuals, sizes=args.sizes, params=args.params, seeds=args.seeds,
+        tokens_per_param=args.tokens_per_param, tokens=args.tokens, out=Path(args.out) if args.out else None,
+        force=args.force, progress=not args.no_progress, baseline=args.baseline,
+    ))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from resstream.compare.sweep import SweepOptions, sweep
+
+    if args.steps is not None and args.tokens is not None:
+        raise ConfigError("pass either --steps or --tokens, not both")
+    overrides = [f"data.corpus={json.dumps(args.corpus)}"] if args.corpus else []
+    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "demo"))
+    sweep(cfg, SweepOptions(
+        axes=list(args.overrides), residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
+        out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,
+        baseline=args.baseline,
+    ))
     return 0
 
 
@@ -111,6 +142,52 @@ def cmd_kinds(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _seeds_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seeds or 'auto'") from None
+
+
+def _scale_parser(sub) -> None:
+    sc = sub.add_parser("scale", help="kinds x model sizes x seeds: scaling-law fits and the compute multiplier")
+    sc.add_argument("--config", help="TOML config file (see configs/)")
+    sc.add_argument("--preset", help="a built-in preset (default scale-demo)")
+    sc.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
+    sc.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...]")
+    sc.add_argument("--baseline", help="the kind every other is compared with (default the first)")
+    sc.add_argument("--sizes", help="model sizes N_LAYERSxD_MODEL, e.g. 4x64,6x96,8x128")
+    sc.add_argument("--params", help="or target parameter counts (non-embedding), e.g. 200k,500k,1.5M")
+    sc.add_argument("--seeds", type=int, help="seeds per kind and size")
+    sc.add_argument("--tokens-per-param", type=float, help="tokens per run = this x parameters (default 20)")
+    sc.add_argument("--tokens", type=int, help="or the same token budget for every size")
+    sc.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
+    sc.add_argument("--out", help="output folder (default scale-<name>)")
+    sc.add_argument("--force", action="store_true", help="reuse an output folder that holds a different experiment")
+    sc.add_argument("--no-progress", action="store_true")
+    sc.set_defaults(fn=cmd_scale)
+
+
+def _sweep_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="a grid over config keys x kinds x seeds: KEY=V1,V2,... [KEY2=...]")
+    sw.add_argument("--config", help="TOML config file (see configs/)")
+    sw.add_argument("--preset", help="a built-in preset (default demo)")
+    sw.add_argument("overrides", nargs="+", metavar="KEY=V1,V2,...",
+                    help="swept keys, e.g. model.residual.block_size=1,2,4,8 or train.lr=1e-3,3e-3 (one value: a fixed override)")
+    sw.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...] (default compare.residuals)")
+    sw.add_argument("--baseline", help="the kind every other is compared with (default the first)")
+    sw.add_argument("--seeds", type=int, help="seeds per cell")
+    sw.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
+    sw.add_argument("--steps", type=int, help="optimizer steps per run")
+    sw.add_argument("--tokens", type=int, help="token budget per run (sets the steps)")
+    sw.add_argument("--out", help="output folder (default sweep-<name>)")
+    sw.add_argument("--force", action="store_true", help="reuse an output folder that holds a different experiment")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resstream", description="Pluggable residual streams for transformer LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(c)
     c.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...] (`resstream kinds` lists the kinds)")
     c.add_argument("--baseline", help="the kind every other is compared with (one of --residuals; default the first)")
-    c.add_argument("--seeds", type=int, help="seeds per kind")
+    c.add_argument("--seeds", type=_seeds_arg, help="seeds per kind, or 'auto': add seeds until the paired tests decide")
+    c.add_argument("--max-seeds", type=int, help="the cap of --seeds auto (default compare.max_seeds, 8)")
     c.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
     c.add_argument("--steps", type=int, help="optimizer steps per run")
     c.add_argument("--tokens", type=int, help="token budget per run (sets the steps)")
@@ -146,12 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_compare)
 
+    _scale_parser(sub)
+    _sweep_parser(sub)
+
     dg = sub.add_parser("diagnose", help="draw depth plots for one run")
     dg.add_argument("run_dir")
     dg.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
     dg.add_argument("--batches", type=int, default=4, help="validation batches to measure on")
     dg.set_defaults(fn=cmd_diagnose)
 
+    _generate_parser(sub)
+
+    k = sub.add_parser("kinds", help="list the residual kinds")
+    k.set_defaults(fn=cmd_kinds)
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir")
     g.add_argument("--prompt", required=True)
@@ -161,13 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--trust-unverified", action="store_true", help="load checkpoints that record no SHA-256")
-    g.add_argument("--tp", type=int, default=1,
+    g.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel degree; launch with torchrun --nproc_per_node=TP (rank 0 prints)")
     g.set_defaults(fn=cmd_generate)
-
-    k = sub.add_parser("kinds", help="list the residual kinds")
-    k.set_defaults(fn=cmd_kinds)
-    return p
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):

@@ -237,21 +237,21 @@ class TrainConfig(ConfigBase):
 
 @dataclass
 class CompareConfig(ConfigBase):
-    """Defaults for ``resstream compare``: which residual kinds and how many seeds.
-
-    residuals: kinds, each optionally with options: "block_attnres:block_size=4".
-    baseline: the entry of ``residuals`` every other kind is compared with; None: the first.
-    """
+    """Defaults for ``resstream compare``. residuals: kinds, each optionally with options
+    ("block_attnres:block_size=4"); baseline: the entry of ``residuals`` every other kind is
+    compared with (None: the first); max_seeds: the cap of ``--seeds auto``."""
 
     residuals: tuple[str, ...] = ("prenorm", "attnres", "block_attnres")
     seeds: int = 2
     depth_batches: int = 4
     baseline: Optional[str] = None
+    max_seeds: int = 8
 
     def validate(self) -> None:
         require(len(self.residuals) >= 1, "compare.residuals: name at least one residual kind")
         require(1 <= self.seeds <= MAX_SEEDS, f"compare.seeds: must be in [1, {MAX_SEEDS}], got {self.seeds}")
         require(self.depth_batches >= 1, f"compare.depth_batches: must be >= 1, got {self.depth_batches}")
+        require(2 <= self.max_seeds <= MAX_SEEDS, f"compare.max_seeds: must be in [2, {MAX_SEEDS}], got {self.max_seeds}")
 
 
 # ----------------------------------------------------------------------------- files and overrides

@@ -32,7 +32,8 @@ def test_residual_config_errors():
 
 def test_an_option_of_another_kind_names_the_kinds_own_options():
     msg = (r"^model\.residual\.window: not an option of residual kind 'block_attnres' \(window is an option of "
-           r"depth_swa\); its options: block_size, key_norm_eps, key_norm_learnable, recompute$")
+           r"depth_swa\); its options: block_size, heads, key_norm, key_norm_eps, key_norm_learnable, query, recompute, "
+           r"score$")
     with pytest.raises(ConfigError, match=msg):
         ModelConfig.from_dict({"vocab_size": 10, "residual": {"kind": "block_attnres", "window": 3}}, prefix="model.")
     with pytest.raises(ConfigError, match=msg):
@@ -75,7 +76,8 @@ def test_overrides_and_replace():
     assert res.replace(block_size=3).block_size == 3 and res.replace(block_size=3).recompute
     other = res.replace(kind="hc", n_streams=2)  # another kind starts from its own defaults
     assert other == ResidualConfig(kind="hc", n_streams=2)
-    assert res.options() == {"key_norm_eps": 1e-6, "key_norm_learnable": True, "recompute": True, "block_size": 2}
+    assert res.options() == {"key_norm_eps": 1e-6, "key_norm_learnable": True, "recompute": True, "query": "static",
+                             "score": "softmax", "key_norm": True, "heads": 1, "block_size": 2}
 
 
 def _legacy(kind: str, **values) -> dict:
@@ -152,7 +154,7 @@ def test_cli_names_the_kinds_options(tmp_path, capsys):
 
     out = tmp_path / "run"
     for args, needle in [
-        (["model.residual.kind=block_attnres", "model.residual.window=3"], "its options: block_size, key_norm_eps"),
+        (["model.residual.kind=block_attnres", "model.residual.window=3"], "its options: block_size, heads, key_norm, key_norm_eps"),
         (["model.residual.kind=hc", "model.residual.key_norm_eps=1e-5"], "write model.residual.stream_norm_eps"),
     ]:
         code = main(["train", "--out", str(out), *args])

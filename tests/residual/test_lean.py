@@ -14,8 +14,9 @@ from resstream import LM
 from resstream.model.generate import DecodeCache, prefill
 from resstream.residual import ResidualStream, get_kind
 
-# the kinds with their own lean path (the others decode through their training path)
-LEAN = [c for c in KIND_CASES if get_kind(c[0]).stream.inference is not ResidualStream.inference]
+# the cases whose stream has its own lean path (the others, ablation variants included, decode
+# through their training path)
+LEAN = [c for c in KIND_CASES if type(LM(tiny_cfg(c[0], **c[1])).residual).inference is not ResidualStream.inference]
 
 
 def _run_lean(model: LM, emb: torch.Tensor, scratch: dict) -> torch.Tensor:

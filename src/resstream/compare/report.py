@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+from resstream.compare.decide import decision_blocks, seeds_cell
 from resstream.compare.stats import baseline_label, summarize
 from resstream.diagnostics import plots
 from resstream.diagnostics.document import Block, write_document
@@ -60,7 +61,7 @@ def failure_text(run: dict) -> str:
 # ----------------------------------------------------------------------------- tables
 
 TABLE_HEADER = ["kind", "runs ok", "val bpb (mean ± std)", "Δ vs baseline", "p Welch", "p paired",
-                "params", "params added", "tokens/s", "compile s", "peak mem MB", "wall s"]
+                "seeds for 80% power", "params", "params added", "tokens/s", "compile s", "peak mem MB", "wall s"]
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -74,6 +75,7 @@ def table_rows(summary: dict) -> list[list[str]]:
             label, _runs_cell(s), _bpb(s), delta,
             "–" if label == base else fmt_p(s["p_welch"]),
             "–" if label == base else fmt_p(s["p_paired"]),
+            "–" if label == base else seeds_cell(s),
             _fmt(k.get("params"), ","), _fmt(k.get("params_added"), "+,"),
             _fmt(s["tokens_per_s"], ",.0f"), _fmt(s.get("compile_s"), ",.1f"), _fmt(s["peak_mem_mb"], ",.0f"),
             _fmt(s["wall_s"], ",.1f"),
@@ -269,6 +271,7 @@ def build_blocks(summary: dict, out_dir: Path) -> list[Block]:
         blocks.append(Block("ul", items=pn))
     header, rows = _seed_table(summary)
     blocks += [Block("h2", "Per seed"), Block("table", header=header, items=rows)]
+    blocks += decision_blocks(summary)
     figs = _figures(summary, out_dir)
     if figs:
         blocks += [Block("h2", "Plots")] + figs

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from resstream.compare.sizes import build_on_meta
 from resstream.config import MAX_SEEDS, ConfigError, apply_overrides
 from resstream.residual.config import parse_specs, spec_label
 from resstream.runs.config import RunConfig
@@ -28,6 +29,8 @@ class CompareOptions:
     force: bool = False
     progress: bool = True
     baseline: str | None = None  # an entry of residuals (its spec or label); None: the first
+    auto_seeds: bool = False  # add seeds until the paired tests decide (compare/decide.py)
+    max_seeds: int | None = None  # the cap of auto_seeds; None: compare.max_seeds
 
 
 def choose_baseline(kinds: list[tuple[str, dict]], baseline: str | None) -> str:
@@ -61,6 +64,8 @@ def plan(cfg: RunConfig, opts: CompareOptions) -> tuple[RunConfig, list[tuple[st
             raise ConfigError(f"--tokens: {opts.tokens} is less than one step ({per_step} tokens)")
         overrides.append(f"train.steps={math.ceil(opts.tokens / per_step)}")
     base = RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    for _, residual in kinds:  # every kind's model builds (on the meta device) before any run starts
+        build_on_meta({**base.model, "residual": residual}, base.data.vocab_size)
     seeds = [base.train.seed + i for i in range(n_seeds)]
     return base, kinds, seeds
 
@@ -77,6 +82,7 @@ def _check_jobs(jobs: list[tuple[str, Path, dict]], vocab_size: int) -> None:
 def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     """Train every (kind, seed), measure depth use, and write summary.json and the report."""
     from resstream.compare.collect import collect
+    from resstream.compare.decide import run_until_decided
     from resstream.compare.jobs import claim_output, run_jobs
     from resstream.compare.report import format_table, write_report
     from resstream.compare.stats import summarize
@@ -84,22 +90,38 @@ def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
 
     base, kinds, seeds = plan(cfg, opts)
     baseline = choose_baseline(kinds, opts.baseline if opts.baseline is not None else base.compare.baseline)
+    cap = opts.max_seeds if opts.max_seeds is not None else base.compare.max_seeds
+    if opts.auto_seeds and not 2 <= cap <= MAX_SEEDS:
+        raise ConfigError(f"--max-seeds: must be in [2, {MAX_SEEDS}], got {cap}")
     out = opts.out or Path(f"compare-{base.name}")
     # Data first (once, in this process, so every child finds it cached): a corpus that cannot
     # be read is refused before the output folder is touched.
     data = prepare(base.data, log=log)
-    jobs = []
-    for seed in seeds:
-        for label, residual in kinds:
-            run_cfg = apply_overrides(base.to_dict(), [f"train.seed={seed}", f"name={json.dumps(f'{label}-s{seed}')}"])
-            run_cfg["model"]["residual"] = residual
-            jobs.append((f"{label} seed {seed}", out / "runs" / f"{label}-s{seed}", run_cfg))
-    _check_jobs(jobs[: len(kinds)], data.vocab_size)  # seeds change no shape: one seed's runs suffice
-    claim_output(out, {"base": {k: v for k, v in base.to_dict().items() if k != "compare"},
-                       "kinds": kinds, "seeds": seeds}, opts.force)
-    run_jobs(jobs, opts.progress, log)
 
+    def jobs_for(seeds: list[int]) -> list[tuple[str, Path, dict]]:
+        jobs = []
+        for seed in seeds:
+            for label, residual in kinds:
+                run_cfg = apply_overrides(base.to_dict(), [f"train.seed={seed}", f"name={json.dumps(f'{label}-s{seed}')}"])
+                run_cfg["model"]["residual"] = residual
+                jobs.append((f"{label} seed {seed}", out / "runs" / f"{label}-s{seed}", run_cfg))
+        return jobs
+
+    _check_jobs(jobs_for(seeds[:1]), data.vocab_size)  # seeds change no shape: one seed's runs suffice
+    claim_output(out, {"base": {k: v for k, v in base.to_dict().items() if k not in ("compare", "scale")},
+                       "kinds": kinds, "seeds": {"auto": [len(seeds), cap]} if opts.auto_seeds else seeds}, opts.force)
+
+    def train_seeds(seeds: list[int]) -> None:
+        run_jobs(jobs_for(seeds), opts.progress, log)
+
+    auto = None
+    if opts.auto_seeds:
+        seeds, auto = run_until_decided(out, kinds, seeds, cap, baseline, train_seeds, log)
+    else:
+        train_seeds(seeds)
     summary = summarize(collect(out, base, kinds, seeds, data, baseline))
+    if auto:
+        summary["setup"]["seeds_auto"] = auto
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     md, html = write_report(summary, out)
     log("")

@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as _st
 
+from resstream.compare.power import seeds_needed
+
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof = 1); std is None below two values."""
@@ -91,9 +93,11 @@ def summarize(summary: dict) -> dict:
 
     stats: bpb_mean, bpb_std, n_ok, n_runs, failed ([{seed, last_good_step, ...}]), baseline,
     delta_vs_baseline (mean of this kind minus mean of the baseline, bits per byte),
-    p_welch / p_welch_note, p_paired / p_paired_note / n_pairs / paired_mean_diff, and the
-    means over ok runs of tokens_per_s, peak_mem_mb, wall_s and compile_s (one-time compilation,
-    not in tokens_per_s). The baseline's own p-values are None with the note "baseline".
+    p_welch / p_welch_note, p_paired / p_paired_note / n_pairs / paired_mean_diff,
+    seeds_needed / seeds_needed_note (seeds the paired test would need for p < 0.05 at 80%
+    power if the observed mean and spread of the per-seed differences were the truth), and the
+    means over ok runs of tokens_per_s, peak_mem_mb, wall_s and compile_s (one-time
+    compilation, not in tokens_per_s). The baseline's own p-values are None with the note "baseline".
     """
     base = baseline_label(summary)
     base_runs = ok_runs(summary["kinds"][base])
@@ -123,11 +127,14 @@ def summarize(summary: dict) -> dict:
         }
         if label == base:
             s.update(p_welch=None, p_welch_note="baseline", p_paired=None, p_paired_note="baseline",
-                     n_pairs=None, paired_mean_diff=None)
+                     n_pairs=None, paired_mean_diff=None, seeds_needed=None, seeds_needed_note="baseline")
         else:
             w = welch_test(vals, base_vals)
-            p = paired_test({r["seed"]: r["final_val_bpb"] for r in runs}, base_by_seed)
+            by_seed = {r["seed"]: r["final_val_bpb"] for r in runs}
+            p = paired_test(by_seed, base_by_seed)
+            need = seeds_needed([by_seed[sd] - base_by_seed[sd] for sd in sorted(set(by_seed) & set(base_by_seed))])
             s.update(p_welch=w["p"], p_welch_note=w["note"], p_paired=p["p"], p_paired_note=p["note"],
-                     n_pairs=p["n_pairs"], paired_mean_diff=p["mean_diff"])
+                     n_pairs=p["n_pairs"], paired_mean_diff=p["mean_diff"],
+                     seeds_needed=need["n"], seeds_needed_note=need["note"])
         kind["stats"] = s
     return summary

@@ -1,4 +1,4 @@
-"""The config of one training run: model, data, training and comparison sections, read from a
+"""The config of one training run: model, data, training, comparison and scaling sections, read from a
 TOML file or a built-in preset plus ``key=value`` overrides, written resolved into the run folder."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from resstream.config import (
     CompareConfig,
@@ -27,6 +27,32 @@ PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
 @dataclass
+class ScaleConfig(ConfigBase):
+    """Defaults for ``resstream scale`` (kinds, seeds and baseline come from ``[compare]``).
+
+    sizes: model shapes "N_LAYERSxD_MODEL"; or params: target parameter counts ("200k", "1.5M"),
+    each turned into a shape with the base model's depth-to-width ratio.
+    tokens_per_param: tokens per run = this x the size's parameters (non-embedding); or
+    tokens: the same number of tokens for every size.
+    evals: validation evaluations per run; bootstrap: resamples of the seeds for intervals.
+    """
+
+    sizes: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    tokens_per_param: float = 20.0
+    tokens: Optional[int] = None
+    evals: int = 8
+    bootstrap: int = 2000
+
+    def validate(self) -> None:
+        require(not (self.sizes and self.params), "scale: give either scale.sizes or scale.params, not both")
+        require(self.tokens_per_param > 0, f"scale.tokens_per_param: must be > 0, got {self.tokens_per_param}")
+        require(self.tokens is None or self.tokens >= 1, f"scale.tokens: must be >= 1, got {self.tokens}")
+        require(self.evals >= 1, f"scale.evals: must be >= 1, got {self.evals}")
+        require(self.bootstrap >= 100, f"scale.bootstrap: must be >= 100, got {self.bootstrap}")
+
+
+@dataclass
 class RunConfig(ConfigBase):
     """Everything one training run needs; written resolved into the run folder."""
 
@@ -36,6 +62,7 @@ class RunConfig(ConfigBase):
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model config, with the vocabulary size taken from the tokenizer."""

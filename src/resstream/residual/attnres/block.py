@@ -32,12 +32,14 @@ from resstream.residual.attnres.phases import Phase1, Phase2, merge
 from resstream.residual.attnres.queries import PseudoQueries
 from resstream.residual.attnres.recompute import RecomputesInput
 from resstream.residual.attnres.reference import block_attnres_reference
+from resstream.residual.attnres.variants import AblationBlock
 from resstream.residual.base import Boundary, State, register
 
 
 @dataclass
 class BlockOptions(FullOptions):
-    """Block AttnRes: block_size S sublayers per block (S = 1 is Full AttnRes), and Full's options."""
+    """Block AttnRes: block_size S sublayers per block (S = 1 is Full AttnRes), and Full's options
+    (the key norm, ``recompute``, Table 4's ablations: query, score, key_norm, heads)."""
 
     block_size: int = 4
 
@@ -57,6 +59,13 @@ class BlockAttnRes(RecomputesInput, PseudoQueries):
     """
 
     source_legend = {"emb": "token embedding", "B{j}": "sum of block j", "partial": "running sum of the open block"}
+
+    def __new__(cls, options=None, *args, **kwargs):
+        if options is not None and options.is_ablation():  # Table 4's ablations run on the plain path
+            stream = AblationBlock(options, *args, **kwargs)
+            stream.kind = cls.kind
+            return stream
+        return super().__new__(cls)
 
     def __init__(self, options: BlockOptions, n_sublayers: int, d_model: int) -> None:
         super().__init__(options, n_sublayers, d_model)

@@ -19,6 +19,9 @@ Fast path (kernels.py): each source's logits against every later query are compu
 when it is written; a read gathers its column of each cache, takes a softmax and one
 weighted sum; each source's gradient is summed once (gradient sums). ``SourceHistory`` is
 that mechanism, shared with depth_swa (a window over the same history).
+
+The ablations of the paper's Table 4 (options query, score, key_norm, heads) build the plain
+path of variants.py instead.
 """
 from __future__ import annotations
 
@@ -28,12 +31,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from resstream.config import require
 from resstream.residual.attnres.fused import mix
 from resstream.residual.attnres.kernels import as_source, normed_logit_columns, softmax_mixture
 from resstream.residual.attnres.lean import HistoryDecoder
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
 from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
+from resstream.residual.attnres.variants import AblationFull, AblationOptions
 from resstream.residual.base import Boundary, State, register
 
 
@@ -96,8 +101,14 @@ class SourceHistory(PseudoQueries):
 
 
 @dataclass
-class FullOptions(RecomputeOption, PseudoQueryOptions):
-    """Full AttnRes: the key norm (key_norm_eps, key_norm_learnable) and ``recompute``."""
+class FullOptions(AblationOptions, RecomputeOption, PseudoQueryOptions):
+    """Full AttnRes: the key norm (key_norm_eps, key_norm_learnable), ``recompute``, and Table 4's
+    ablations (query, score, key_norm, heads; see variants.py)."""
+
+    def validate(self) -> None:
+        super().validate()
+        require(not (self.recompute and self.is_ablation()), "model.residual.recompute: not available with the "
+                "ablation options (query, score, key_norm, heads); set recompute=false")
 
 
 @register("attnres", options=FullOptions, reference=attnres_reference)
@@ -107,6 +118,13 @@ class FullAttnRes(RecomputesInput, SourceHistory):
     State (see SourceHistory): the token's history v_0 = emb, v_1 = f_0, ... with each
     source's logits against the later queries, computed once when it is written.
     """
+
+    def __new__(cls, options=None, *args, **kwargs):
+        if options is not None and options.is_ablation():  # Table 4's ablations run on the plain path
+            stream = AblationFull(options, *args, **kwargs)
+            stream.kind = cls.kind
+            return stream
+        return super().__new__(cls)
 
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is v for v in state["values"])
