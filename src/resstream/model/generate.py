@@ -74,7 +74,7 @@ class DecodeCache:
             raise ValueError(f"cache length must be in 1..max_seq_len={cfg.max_seq_len}, got {max_len}")
         p = model.embed.weight
         self.layers: list[Optional[KVCache]] = [
-            KVCache(batch, cfg.kv_heads, cfg.head_dim, max_len, p.dtype, p.device) if isinstance(s, Attention) else None
+            KVCache(batch, cfg.kv_heads, cfg.dim_per_head, max_len, p.dtype, p.device) if isinstance(s, Attention) else None
             for s in model.sublayers
         ]
         self.max_len = max_len
