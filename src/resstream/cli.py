@@ -2,8 +2,9 @@
 
     resstream train    --config configs/tiny.toml [--out RUN_DIR] [key=value ...]
     resstream train    --resume RUN_DIR [train.steps=N ...]
+    resstream train    --init-from MODEL [--config FILE] [model.residual.kind=...]
     resstream data prepare [--config FILE] [data.corpus=... ...]
-    resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
+    resstream compare  [--preset demo | --config FILE] [--init-from MODEL] [--residuals a,b] [--seeds K] ...
     resstream diagnose RUN_DIR|MODEL [--out DIR]
     resstream generate RUN_DIR|MODEL --prompt "..." [--max-new-tokens N] ...
     resstream analyze  RUN_DIR|MODEL [--corpus C] [--out DIR]
@@ -37,8 +38,8 @@ def cmd_train(args) -> int:
     from resstream.runs.folder import read_run_config
 
     if args.resume:
-        if args.config or args.preset or args.out:
-            raise ConfigError("--resume continues a run with its saved config; drop --config/--preset/--out")
+        if args.config or args.preset or args.out or args.init_from:
+            raise ConfigError("--resume continues a run with its saved config; drop --config/--preset/--out/--init-from")
         bad = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0] not in RESUMABLE_KEYS]
         if bad:
             raise ConfigError(f"cannot change '{bad[0]}' when resuming; only {', '.join(sorted(RESUMABLE_KEYS))} may change")
@@ -46,11 +47,16 @@ def cmd_train(args) -> int:
         cfg = RunConfig.from_dict(apply_overrides(saved, args.overrides))
         result = train(cfg, Path(args.resume), resume=True, progress=not args.no_progress)
     else:
-        cfg = load_run_config(args.config, args.overrides, preset=args.preset)
+        cfg = load_run_config(args.config, init_from_overrides(args), preset=args.preset)
         result = train(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
     bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
     print(f"{result.status}: {result.run_dir} at step {result.step}; val bpb {bpb}; {result.tokens_per_s:.0f} tokens/s")
     return 0 if result.status in ("finished", "interrupted") else 1
+
+
+def init_from_overrides(args) -> list[str]:
+    """The command line's overrides, with --init-from MODEL as init_from="MODEL"."""
+    return list(args.overrides) + ([f"init_from={json.dumps(args.init_from)}"] if args.init_from else [])
 
 
 def cmd_data_prepare(args) -> int:
@@ -66,12 +72,13 @@ def cmd_data_prepare(args) -> int:
 def cmd_compare(args) -> int:
     from resstream.compare import CompareOptions, compare
 
-    overrides = list(args.overrides)
+    overrides = init_from_overrides(args)
     if args.corpus:
         overrides.append(f"data.corpus={json.dumps(args.corpus)}")
     if args.steps is not None and args.tokens is not None:
         raise ConfigError("pass either --steps or --tokens, not both")
-    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "demo"))
+    default = None if args.config else ("continue" if args.init_from else "demo")
+    cfg = load_run_config(args.config, overrides, preset=args.preset or default)
     opts = CompareOptions(
         residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
         out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,
@@ -128,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(t)
     t.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    t.add_argument("--init-from", metavar="MODEL", help="continue training a pretrained model (its shape, weights, tokenizer)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
@@ -139,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several residual kinds x seeds and write a report")
     config_args(c)
     c.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...] (`resstream kinds` lists the kinds)")
+    c.add_argument("--init-from", metavar="MODEL", help="every run starts from this pretrained model (default preset: continue)")
     c.add_argument("--baseline", help="the kind every other is compared with (one of --residuals; default the first)")
     c.add_argument("--seeds", type=int, help="seeds per kind")
     c.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")

@@ -10,8 +10,8 @@ from resstream.pretrained.convert import copy_weights_into, upcycle
 from resstream.pretrained.wheels import fetch
 from resstream.pretrained.folder import is_model_folder, read_model_folder, save_model_folder
 from resstream.pretrained.hf import export_hf
-from resstream.pretrained.load import load, resolve_path, tokenizer_file
+from resstream.pretrained.load import describe, load, resolve_path
 from resstream.pretrained.loaded import LoadedModel
 
-__all__ = ["LoadedModel", "load", "resolve_path", "tokenizer_file", "export_hf", "upcycle", "copy_weights_into",
+__all__ = ["LoadedModel", "load", "describe", "resolve_path", "export_hf", "upcycle", "copy_weights_into",
            "fetch", "save_model_folder", "read_model_folder", "is_model_folder"]

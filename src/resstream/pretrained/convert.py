@@ -45,8 +45,9 @@ def upcycle(model: LM, residual: ResidualConfig, require_identity: bool = True) 
 def copy_weights_into(target: LM, source: LM) -> list[str]:
     """Load ``source``'s non-residual weights (and its residual ones when both have the same
     residual config) into ``target`` in place; returns the names of the residual parameters
-    left at ``target``'s own init. Shapes must agree (the same model shape)."""
-    if target.cfg.replace(residual=source.cfg.residual) != source.cfg:
+    left at ``target``'s own init. The shapes must agree (max_seq_len may differ: it only
+    sizes the rotary tables)."""
+    if target.cfg.replace(residual=source.cfg.residual, max_seq_len=source.cfg.max_seq_len) != source.cfg:
         raise ConfigError("--init-from: the model's shape differs from the run's; the shape comes from the model")
     same = target.cfg.residual == source.cfg.residual
     if not same and not source.residual.standard_residual:

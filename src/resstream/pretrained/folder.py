@@ -76,15 +76,24 @@ def save_model_folder(out: Path | str, model: LM, tokenizer_json: str, eot_id: i
     })
 
 
-def read_model_folder(path: Path | str, dtype: torch.dtype = torch.float32) -> tuple[LM, dict]:
-    """(model in eval mode, the model.json record) of a resstream model folder."""
-    path = Path(path)
+def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / MODEL_JSON).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"'{path / MODEL_JSON}' is unreadable ({e}); the folder is damaged") from None
     if meta.get("format") != FORMAT:
         raise ConfigError(f"'{path / MODEL_JSON}' is not a resstream model folder (format {meta.get('format')!r})")
+    return meta
+
+
+def read_model_config(path: Path | str) -> ModelConfig:
+    return ModelConfig.from_dict(_read_meta(Path(path))["model"], prefix="model.")
+
+
+def read_model_folder(path: Path | str, dtype: torch.dtype = torch.float32) -> tuple[LM, dict]:
+    """(model in eval mode, the model.json record) of a resstream model folder."""
+    path = Path(path)
+    meta = _read_meta(path)
     model = LM(ModelConfig.from_dict(meta["model"], prefix="model."))
     try:
         tensors = load_file(str(path / "model.safetensors"))

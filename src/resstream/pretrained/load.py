@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from resstream.config import ConfigError
 from resstream.data import default_cache_dir, find_eot_id, load_tokenizer
+from resstream.model.config import ModelConfig
 from resstream.pretrained import folder, gguf_file, hf, wheels
 from resstream.pretrained.loaded import LoadedModel
 
@@ -34,15 +35,16 @@ def resolve_path(path: Path | str) -> Path:
                       f"Hugging Face model folder, a .gguf file, a resstream model folder, or one of: {', '.join(wheels.ALIASES)}")
 
 
-def cached_tokenizer_file(tok: Tokenizer) -> Path:
-    """A tokenizer.json in the cache holding ``tok`` (written once, atomically)."""
-    text = tok.to_str()
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
-    path = default_cache_dir() / "pretrained" / "tokenizers" / f"{digest}.json"
+def cached_tokenizer_file(tok: Tokenizer | Path) -> Path:
+    """A tokenizer.json in the cache holding ``tok`` (a Tokenizer, or a file copied byte for
+    byte), named by its content hash and written once, atomically. Runs point their
+    data.tokenizer here, so they outlive the model file they started from."""
+    data = tok.read_bytes() if isinstance(tok, Path) else tok.to_str().encode("utf-8")
+    path = default_cache_dir() / "pretrained" / "tokenizers" / f"{hashlib.sha256(data).hexdigest()[:20]}.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     return path
 
@@ -92,12 +94,20 @@ def load(path: Path | str, dtype: torch.dtype = torch.float32, device: str | tor
     return LoadedModel(model.to(device), tok, tok_file, eot, name, source, p, info=info)
 
 
-def tokenizer_file(path: Path | str) -> Path:
-    """The tokenizer.json of the model at ``path`` without loading its weights (cheap)."""
+def describe(path: Path | str) -> tuple[ModelConfig, Path]:
+    """(ModelConfig, a cached copy of its tokenizer.json) of the model at ``path``, without
+    loading its weights."""
     p = resolve_path(path)
     if p.is_file():
         reader = gguf_file.open_gguf(p)
-        return cached_tokenizer_file(gguf_file.tokenizer_from_gguf(reader, str(p)))
-    if (p / "tokenizer.json").is_file():
-        return p / "tokenizer.json"
-    raise ConfigError(f"'{p}' has no tokenizer.json; resstream needs the model's own tokenizer")
+        cfg = gguf_file.config_from_gguf(reader, str(p))
+        return cfg, cached_tokenizer_file(gguf_file.tokenizer_from_gguf(reader, str(p)))
+    if folder.is_model_folder(p):
+        cfg = folder.read_model_config(p)
+    elif p.is_dir() and hf.is_hf_folder(p):
+        cfg = hf.config_from_hf(hf.read_hf_config(p), str(p))
+    else:
+        raise ConfigError(f"'{p}' is neither a .gguf file, a Hugging Face folder nor a resstream model folder")
+    if not (p / "tokenizer.json").is_file():
+        raise ConfigError(f"'{p}' has no tokenizer.json; resstream needs the model's own tokenizer in that format")
+    return cfg, cached_tokenizer_file(p / "tokenizer.json")

@@ -15,7 +15,9 @@ from resstream.data import PreparedData, prepare
 from resstream.data.batches import train_batch, val_batches
 from resstream.model import LM
 from resstream.runs import folder
+from resstream.runs.checkpoint import list_checkpoints
 from resstream.runs.config import RunConfig
+from resstream.runs.init import init_weights, resolve_init_from
 from resstream.train.distributed import Dist, barrier, init_distributed
 from resstream.train.optim import make_optimizer
 
@@ -84,9 +86,12 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     """Prepare data and check the shapes (on every rank), then the run folder (main rank), then
     build the model: the same seed gives every residual kind the same non-residual weights (the
     stream initialises its own parameters after the rest), which sharpens paired comparisons."""
+    out = Path(out) if out is not None else default_run_dir(cfg)
+    restart = resume and bool(list_checkpoints(out))  # the saved config is resolved; the checkpoint has every weight
+    if not restart:
+        cfg = resolve_init_from(cfg)  # a pretrained model's shape and tokenizer, when continuing one
     tc = cfg.train
     d, device, dtype = _processes(cfg)
-    out = Path(out) if out is not None else default_run_dir(cfg)
     say = log if d.is_main else (lambda s: None)
     if d.is_main:
         data = prepare(cfg.data, log=say)
@@ -104,6 +109,8 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     model = LM(mcfg)
     torch.manual_seed(tc.seed)
     model.reset_parameters()
+    if cfg.init_from is not None and not restart:
+        init_weights(model, cfg, say)
     model.to(device)
     token_bytes = torch.as_tensor(data.token_bytes, dtype=torch.float64)
     return Session(cfg, out, d, device, dtype, data, model, make_optimizer(model, tc), vbatches, token_bytes, say)
