@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import rel_err
-from pretrained_helpers import TEXT, hf_model, save_hf, tiny_tokenizer, write_gguf
+from pretrained_helpers import TEXT, eps_adjusted, hf_model, save_hf, tiny_tokenizer, write_gguf
 from resstream import ResidualConfig
 from resstream.config import ConfigError
 from resstream.pretrained import export_hf, load, upcycle
@@ -108,19 +108,17 @@ def test_upcycling_is_lossless_fp64_tiny_eps(tok, tmp_path, residual):
         upcycle(converted, ResidualConfig(kind="hc"))
 
 
-def test_upcycling_error_is_the_norm_epsilon(tok, tmp_path):
+@pytest.mark.parametrize("residual", [{"kind": "attnres"}, {"kind": "block_attnres", "block_size": 3}])
+def test_upcycling_error_is_the_norm_epsilon(tok, tmp_path, residual):
     """With a real eps the converted model differs by exactly eps -> eps * n^2 in each norm:
-    a PreNorm model whose sublayer norms use that larger eps matches it to rounding."""
-    hf = hf_model("llama", tok, rms_norm_eps=1e-2, num_hidden_layers=2)
+    a PreNorm model whose norms use that larger eps matches it to rounding."""
+    hf = hf_model("llama", tok, rms_norm_eps=1e-2, num_hidden_layers=3)
     loaded = load(save_hf(hf, tok, tmp_path / "hf"), dtype=torch.float64)
-    converted = upcycle(loaded.model, ResidualConfig(kind="attnres"))
+    converted = upcycle(loaded.model, ResidualConfig(**residual))
     idx = _idx(hf.config.vocab_size)
     with torch.no_grad():
         assert rel_err(converted(idx), loaded.model(idx)) > 1e-6  # the eps effect is visible here
-        for l, sub in enumerate(loaded.model.sublayers):
-            sub.norm.eps = 1e-2 * (l + 1) ** 2  # sublayer l averages l + 1 sources
-        loaded.model.final_norm.eps = 1e-2 * (len(loaded.model.sublayers) + 1) ** 2
-        assert rel_err(converted(idx), loaded.model(idx)) < 1e-10
+        assert rel_err(converted(idx), eps_adjusted(loaded.model, converted)(idx)) < 1e-10
 
 
 def test_upcycling_refuses_kinds_that_do_not_start_as_prenorm(saved):

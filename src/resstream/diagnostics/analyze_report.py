@@ -22,12 +22,19 @@ def _mean(vals) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+def _median(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
 def depth_findings(a: dict, threshold: float = VANISH) -> dict:
-    """First half (layers 0..h-1, h = n_layers // 2) against the second half (h..n-1)."""
+    """First half (layers 0..h-1, h = n_layers // 2) against the second half (h..n-1): means
+    and medians over each half (a few large early layers can carry a mean alone)."""
     n, L = a["n_layers"], a["n_sublayers"]
     h = n // 2
     halves = {"first": range(0, 2 * h), "second": range(2 * h, L)}
     later = [_mean(row[s + 1:]) for s, row in enumerate(a["skip"]["effect_mean"])]  # None for the last sublayer
+    later_max = [_mean(row[s + 1:]) for s, row in enumerate(a["skip"]["effect_max"])]
     vanish = next((k for k in range(n) if all(e is None or e < threshold for e in later[2 * k:])), None)
     out = {"half": h, "threshold": threshold, "skip_later_effect": later, "vanish_layer": vanish,
            "bpb": a["bpb"], "lens_bpb_embedding": a["lens"]["bpb"][0], "lens_bpb_middle": a["lens"]["bpb"][h],
@@ -35,22 +42,40 @@ def depth_findings(a: dict, threshold: float = VANISH) -> dict:
     for name, subs in halves.items():
         layers = range(subs.start // 2, subs.stop // 2)
         out[f"rel_{name}"] = _mean(a["layer"]["rel_contribution"][k] for k in layers)
+        out[f"rel_median_{name}"] = _median(a["layer"]["rel_contribution"][k] for k in layers)
         out[f"skip_later_{name}"] = _mean(later[s] for s in subs)
+        out[f"skip_later_median_{name}"] = _median(later[s] for s in subs)
+        out[f"skip_later_max_{name}"] = _mean(later_max[s] for s in subs)
         out[f"skip_kl_{name}"] = _mean(a["skip"]["kl"][s] for s in subs)
         out[f"skip_top1_{name}"] = _mean(a["skip"]["top1"][s] for s in subs)
     return out
+
+
+def _verdict(mean_ratio: float, median_ratio: float) -> str:
+    if mean_ratio < 1 and median_ratio < 1:
+        return "holds here, by the mean and by the median"
+    if mean_ratio < 1:
+        return "holds here by the mean only: the median says the second half contributes as much or more"
+    if median_ratio < 1:
+        return "holds here by the median only"
+    return "does not hold here"
 
 
 def finding_items(f: dict, n: int) -> list[str]:
     h = f["half"]
     first, second = f"layers 0–{h - 1}", f"layers {h}–{n - 1}"
     ratio = f["rel_second"] / f["rel_first"] if f["rel_first"] else float("nan")
+    mratio = f["rel_median_second"] / f["rel_median_first"] if f["rel_median_first"] else float("nan")
     items = [
-        f"Relative contribution ||h_(k+1) − h_k|| / ||h_k|| (per layer, mean over tokens): {f['rel_first']:.3f} in {first}, "
-        f"{f['rel_second']:.3f} in {second} (ratio {ratio:.2f}). The paper's first finding (the second half "
-        f"contributes less) {'holds' if ratio < 1 else 'does not hold'} here.",
+        f"Relative contribution ||h_(k+1) − h_k|| / ||h_k|| per layer (mean over tokens), averaged over {first}: "
+        f"{f['rel_first']:.3f} (median {f['rel_median_first']:.3f}); over {second}: {f['rel_second']:.3f} (median "
+        f"{f['rel_median_second']:.3f}); second/first {ratio:.2f} (medians {mratio:.2f}). The paper's first finding "
+        f"(the second half contributes less) {_verdict(ratio, mratio)}.",
         f"Skipping one sublayer changes the outputs of the later sublayers by {f['skip_later_first']:.1%} on average "
-        f"when it lies in {first}, by {f['skip_later_second']:.1%} when it lies in {second}.",
+        f"(median over skipped sublayers {f['skip_later_median_first']:.1%}) when it lies in {first}, by "
+        f"{f['skip_later_second']:.1%} (median {f['skip_later_median_second']:.1%}) when it lies in {second}. With "
+        f"the paper's statistic, the largest change over tokens: {f['skip_later_max_first']:.3g} against "
+        f"{f['skip_later_max_second']:.3g} (relative changes; rare tokens carry it).",
     ]
     if f["vanish_layer"] is None:
         items.append(f"No layer after which every skip changes later sublayers by less than {f['threshold']:.0%} on average.")

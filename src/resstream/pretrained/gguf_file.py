@@ -102,7 +102,9 @@ def load_gguf_weights(reader, cfg: ModelConfig, where: str, dtype: torch.dtype) 
     tensors = {t.name: t for t in reader.tensors}
     permuted = _meta(reader, "general.architecture") in PERMUTED_QK
     expected = {gguf_name(n) for n in LM(cfg).state_dict() if not n.startswith("residual.")}
-    extra = [n for n in tensors if n not in expected and n != "rope_freqs.weight"]
+    if "rope_freqs.weight" in tensors:
+        raise ConfigError(f"{where}: rope frequency factors (Llama 3.1-style rope scaling) are not supported")
+    extra = [n for n in tensors if n not in expected]
     if extra:
         raise ConfigError(f"{where}: tensor '{extra[0]}' (and {len(extra) - 1} more) has no place in a "
                           "Llama-family model; this architecture is not supported")
