@@ -111,16 +111,3 @@ def write_gguf(model, tok, path: Path, arch: str = "llama", quantize_embedding: 
     w.close()
     return path
 
-
-def eps_adjusted(prenorm, converted):
-    """A copy of the PreNorm model whose every norm uses eps * n^2, n = the sources the
-    converted model's zero-query stream averages there: RMSNorm(h / n) with eps equals
-    RMSNorm(h) with eps * n^2, so this copy computes the converted model's function."""
-    import copy
-
-    adj = copy.deepcopy(prenorm)
-    eps, L = prenorm.cfg.norm_eps, prenorm.cfg.n_sublayers
-    for l, sub in enumerate(adj.sublayers):
-        sub.norm.eps = eps * len(converted.residual.source_names(l)) ** 2
-    adj.final_norm.eps = eps * len(converted.residual.source_names(L)) ** 2
-    return adj

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import rel_err
-from pretrained_helpers import TEXT, eps_adjusted, hf_model, save_hf, tiny_tokenizer, write_gguf
+from pretrained_helpers import TEXT, hf_model, save_hf, tiny_tokenizer, write_gguf
 from resstream import ResidualConfig
 from resstream.config import ConfigError
-from resstream.pretrained import export_hf, load, upcycle
+from resstream.pretrained import eps_equivalent, export_hf, load, upcycle
 from resstream.pretrained import gguf_file
 
 transformers = pytest.importorskip("transformers")
@@ -118,7 +118,7 @@ def test_upcycling_error_is_the_norm_epsilon(tok, tmp_path, residual):
     idx = _idx(hf.config.vocab_size)
     with torch.no_grad():
         assert rel_err(converted(idx), loaded.model(idx)) > 1e-6  # the eps effect is visible here
-        assert rel_err(converted(idx), eps_adjusted(loaded.model, converted)(idx)) < 1e-10
+        assert rel_err(converted(idx), eps_equivalent(loaded.model, converted)(idx)) < 1e-10
 
 
 def test_upcycling_refuses_kinds_that_do_not_start_as_prenorm(saved):

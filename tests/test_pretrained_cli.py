@@ -63,6 +63,7 @@ def test_convert_then_every_command_reads_the_converted_folder(world, capsys):
     conv = record["conversion"]
     assert record["model"]["residual"]["kind"] == "block_attnres" and record["model"]["residual"]["block_size"] == 2
     assert conv["rel_logit_diff"] < 1e-3 and abs(conv["delta_bpb"]) < 1e-3 and conv["top1_agreement"] > 0.99
+    assert conv["rel_logit_diff_vs_eps_equivalent"] < 1e-5
     converted, original = load(out_dir), load(folder)
     idx = torch.randint(0, original.model.cfg.vocab_size, (1, 20))
     with torch.no_grad():

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from helpers import rel_err
-from pretrained_helpers import eps_adjusted
 from resstream import ResidualConfig
-from resstream.pretrained import load, upcycle
+from resstream.pretrained import eps_equivalent, load, upcycle
 from resstream.pretrained.wheels import cached_path
 
 PATH = cached_path("smollm2")
@@ -59,5 +58,5 @@ def test_upcycled_model_keeps_the_function_up_to_the_norm_epsilon(models, residu
     converted = upcycle(ours.model, ResidualConfig(**residual))
     with torch.no_grad():
         a, b = ours.model(idx), converted(idx)
-        assert rel_err(b, eps_adjusted(ours.model, converted)(idx)) < 1e-5
+        assert rel_err(b, eps_equivalent(ours.model, converted)(idx)) < 1e-5
     assert rel_err(b, a) < 5e-3

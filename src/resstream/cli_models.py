@@ -41,7 +41,8 @@ def cmd_convert(args) -> int:
                            batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len, log=lambda s: None)
     print(f"relative logit difference {result['rel_logit_diff']:.3g} (max |Δ| {result['max_abs_logit_diff']:.3g}), "
           f"top-1 agreement {result['top1_agreement']:.2%}; val bpb {result['bpb_before']:.5f} -> {result['bpb_after']:.5f} "
-          f"(Δ {result['delta_bpb']:+.2e}) on {result['tokens']:,} tokens of {result['corpus']}")
+          f"(Δ {result['delta_bpb']:+.2e}) on {result['tokens']:,} tokens of {result['corpus']}; against PreNorm with the "
+          f"norms' eps * n^2: {result['rel_logit_diff_vs_eps_equivalent']:.2g}")
     print(f"converted model written to {result['out_dir']}")
     return 0
 

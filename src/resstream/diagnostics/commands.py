@@ -37,7 +37,9 @@ def open_with_data(path: Path | str, corpus: str | None = None, device: str = "c
     return loaded, data, corpus
 
 
-def _val_batches(data, model, batches: int, batch_size: int, seq_len: int):
+def validation_batches(data, model, batches: int, batch_size: int, seq_len: int):
+    """The first ``batches`` validation windows of [batch_size, seq_len] (seq_len capped at
+    the model's max_seq_len), the windows training evaluates on."""
     from resstream.data.batches import val_batches
 
     for name, v in (("--batches", batches), ("--batch-size", batch_size), ("--seq-len", seq_len)):
@@ -59,7 +61,7 @@ def analyze_model(path: Path | str, out: Path | str | None = None, corpus: str |
     from resstream.diagnostics.analyze_report import write_analysis
 
     loaded, data, corpus = open_with_data(path, corpus, log=log)
-    vb = _val_batches(data, loaded.model, batches, batch_size, seq_len)
+    vb = validation_batches(data, loaded.model, batches, batch_size, seq_len)
     default = loaded.path / "analysis" if loaded.source == "run" else Path(f"analysis-{loaded.name}")
     out_dir = Path(out) if out is not None else default
     log(f"analyze: {loaded.name}, {loaded.model.cfg.n_sublayers} sublayers, {sum(x.numel() for x, _ in vb):,} tokens")
@@ -96,8 +98,9 @@ def model_agreement(ref, other, batches, token_bytes: np.ndarray) -> dict:
 def convert_model(path: Path | str, residual: ResidualConfig, out: Path | str, corpus: str | None = None,
                   batches: int = 4, batch_size: int = 1, seq_len: int = 256, log: Log = print) -> dict:
     """Upcycle the model at ``path`` to ``residual``'s kind, measure that it computes the same
-    function on validation text, and save it as a resstream model folder at ``out``."""
-    from resstream.pretrained import save_model_folder, upcycle
+    function on validation text (and that what differs is the norms' epsilon: see
+    ``resstream.pretrained.convert``), and save it as a resstream model folder at ``out``."""
+    from resstream.pretrained import eps_equivalent, save_model_folder, upcycle
 
     if out is None:
         raise ConfigError("--out: name the folder the converted model goes to")
@@ -105,8 +108,11 @@ def convert_model(path: Path | str, residual: ResidualConfig, out: Path | str, c
         raise ConfigError(f"'{out}' already exists; choose another --out (nothing is overwritten)")
     loaded, data, corpus = open_with_data(path, corpus, log=log)
     converted = upcycle(loaded.model, residual)
-    vb = _val_batches(data, loaded.model, batches, batch_size, seq_len)
+    vb = validation_batches(data, loaded.model, batches, batch_size, seq_len)
     agreement = model_agreement(loaded.model, converted, vb, data.token_bytes)
+    # what is left once the norms' eps -> eps * n^2 is accounted for: float rounding
+    eps_only = model_agreement(eps_equivalent(loaded.model, converted), converted, vb, data.token_bytes)
+    agreement["rel_logit_diff_vs_eps_equivalent"] = eps_only["rel_logit_diff"]
     record = {"converted_from": str(loaded.path), "source_format": loaded.source,
               "conversion": {"residual": residual.to_dict(), "corpus": corpus, **agreement}}
     save_model_folder(out, converted, Path(loaded.tokenizer_file).read_text(encoding="utf-8"), loaded.eot_id, record)

@@ -9,6 +9,8 @@ equals RMSNorm(h) with epsilon eps * n^2. That difference is the whole conversio
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from resstream.config import ConfigError
@@ -39,6 +41,19 @@ def upcycle(model: LM, residual: ResidualConfig, require_identity: bool = True) 
     if missing or unexpected:  # pragma: no cover - names are the same for every kind by design
         raise RuntimeError(f"upcycle: parameters do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return new.to(device=p.device, dtype=p.dtype).eval()
+
+
+def eps_equivalent(prenorm: LM, upcycled: LM) -> LM:
+    """The PreNorm model that ``upcycled`` (fresh from ``upcycle(prenorm, ...)``, zero queries)
+    computes exactly: a copy of ``prenorm`` whose sublayer l norm uses eps * n_l^2 and whose
+    final norm eps * n_L^2, n the number of sources each uniform mixture averages. Comparing
+    against it isolates the norm epsilon as the whole conversion error."""
+    adj = copy.deepcopy(prenorm)
+    eps, L = prenorm.cfg.norm_eps, prenorm.cfg.n_sublayers
+    for l, sub in enumerate(adj.sublayers):
+        sub.norm.eps = eps * len(upcycled.residual.source_names(l)) ** 2
+    adj.final_norm.eps = eps * len(upcycled.residual.source_names(L)) ** 2
+    return adj
 
 
 @torch.no_grad()
