@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from pretrained_helpers import TEXT, hf_model, save_hf, tiny_tokenizer
 from resstream.cli import main as cli_main
 from resstream.config import ConfigError
+from resstream.diagnostics.commands import analyze_model
 from resstream.pretrained import load
 from resstream.runs import load_run_model
 from resstream.runs.config import RunConfig
@@ -85,6 +86,9 @@ def test_train_init_from_starts_at_the_pretrained_weights_and_resumes_without_th
         moved.rename(folder)
     model, _, tok, _ = load_run_model(run)
     assert model.cfg.residual.kind == "block_attnres" and tok.get_vocab_size() == load(folder).tokenizer.get_vocab_size()
+    result = analyze_model(run, batches=1, seq_len=16, log=lambda s: None)  # a run folder: its own validation split
+    assert result["out_dir"] == str(run / "analysis") and (run / "analysis" / "report.html").is_file()
+    assert json.loads((run / "analysis" / "depth.json").read_text())["setup"]["source"] == "run"
 
 
 def test_compare_init_from_end_to_end(world, tmp_path, capsys):
