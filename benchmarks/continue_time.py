@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from resstream.compare import parse_residuals  # noqa: E402
 from resstream.pretrained import load, upcycle  # noqa: E402
-from resstream.residual.config import ResidualConfig  # noqa: E402
+from resstream.residual.config import ResidualConfig, parse_specs  # noqa: E402
 from resstream.runs.config import load_run_config  # noqa: E402
 from resstream.train.optim import make_optimizer  # noqa: E402
 
@@ -48,7 +47,7 @@ def main() -> None:
     base = load(args.model or cfg.init_from).model
     specs = args.residuals.split(",") if args.residuals else list(cfg.compare.residuals)
     variants = {}
-    for label, res in parse_residuals(specs):
+    for label, res in parse_specs(specs):
         model = upcycle(base, ResidualConfig.from_dict(res)).train()
         variants[label] = (model, make_optimizer(model, tc))
     g = torch.Generator().manual_seed(0)

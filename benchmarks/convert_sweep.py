@@ -20,10 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from resstream.compare import parse_residuals  # noqa: E402
 from resstream.diagnostics.commands import model_agreement, open_with_data, validation_batches  # noqa: E402
 from resstream.pretrained import eps_equivalent, upcycle  # noqa: E402
-from resstream.residual.config import ResidualConfig  # noqa: E402
+from resstream.residual.config import ResidualConfig, parse_specs  # noqa: E402
 
 DEFAULT = "attnres," + ",".join(f"block_attnres:block_size={s}" for s in (1, 2, 3, 4, 5, 6, 10, 15, 20, 30, 60))
 
@@ -45,7 +44,7 @@ def main() -> None:
     print(f"{loaded.name} on {corpus} validation, {sum(x.numel() for x, _ in vb):,} tokens; norm eps {loaded.model.cfg.norm_eps:.3g}")
     print(f"{'spec':34s} {'rel logit diff':>14s} {'max |diff|':>10s} {'top-1 agree':>11s} {'bpb before':>10s} "
           f"{'bpb after':>10s} {'delta bpb':>10s} {'vs eps*n^2':>10s}")
-    for label, res in parse_residuals(args.specs.split(",")):
+    for label, res in parse_specs(args.specs.split(",")):
         converted = upcycle(loaded.model, ResidualConfig.from_dict(res))
         a = model_agreement(loaded.model, converted, vb, data.token_bytes)
         eps_rel = model_agreement(eps_equivalent(loaded.model, converted), converted, vb, data.token_bytes)["rel_logit_diff"]

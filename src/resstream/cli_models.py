@@ -24,14 +24,13 @@ def cmd_analyze(args) -> int:
 
 
 def residual_spec(spec: str, block_size: int | None):
-    """A residual spec in the compare grammar (KIND[:key=value,...]), plus --block-size, as a ResidualConfig."""
-    from resstream.compare import parse_residuals
-    from resstream.residual.config import ResidualConfig
+    """A residual spec (KIND[:key=value,...]), plus --block-size, as a ResidualConfig."""
+    from resstream.residual.config import ResidualConfig, parse_spec
 
-    (_, residual), = parse_residuals([spec])
+    residual = parse_spec(spec, where="--to")
     if block_size is not None:
         residual["block_size"] = block_size
-    return ResidualConfig.from_dict(residual, prefix="model.residual.")
+    return ResidualConfig.from_dict(residual, prefix="--to ")
 
 
 def cmd_convert(args) -> int:

@@ -43,13 +43,13 @@ def upcycle(model: LM, residual: ResidualConfig, require_identity: bool = True) 
     return new.to(device=p.device, dtype=p.dtype).eval()
 
 
-def eps_equivalent(prenorm: LM, upcycled: LM) -> LM:
-    """The PreNorm model that ``upcycled`` (fresh from ``upcycle(prenorm, ...)``, zero queries)
-    computes exactly: a copy of ``prenorm`` whose sublayer l norm uses eps * n_l^2 and whose
+def eps_equivalent(base: LM, upcycled: LM) -> LM:
+    """The PreNorm model that ``upcycled`` (fresh from ``upcycle(base, ...)``, zero queries)
+    computes exactly: a copy of ``base`` whose sublayer l norm uses eps * n_l^2 and whose
     final norm eps * n_L^2, n the number of sources each uniform mixture averages. Comparing
     against it isolates the norm epsilon as the whole conversion error."""
-    adj = copy.deepcopy(prenorm)
-    eps, L = prenorm.cfg.norm_eps, prenorm.cfg.n_sublayers
+    adj = copy.deepcopy(base)
+    eps, L = base.cfg.norm_eps, base.cfg.n_sublayers
     for l, sub in enumerate(adj.sublayers):
         sub.norm.eps = eps * len(upcycled.residual.source_names(l)) ** 2
     adj.final_norm.eps = eps * len(upcycled.residual.source_names(L)) ** 2
