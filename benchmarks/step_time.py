@@ -49,7 +49,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--raw-allocator", action="store_true", help="leave glibc's malloc settings at their defaults")
     ap.add_argument("--json", default=None, help="write the results to this file")
     for f in H.residual_fields():  # every kind's options, applied to the variants whose kind has them
-        ap.add_argument("--" + f.name.replace("_", "-"), dest="res_" + f.name, type=H.parse_value, default=None,
+        flag = f.name.replace("_", "-")
+        flag = "residual-" + flag if flag in ("layers", "d-model", "heads", "seq", "batch", "vocab") else flag
+        ap.add_argument("--" + flag, dest="res_" + f.name, type=H.parse_value, default=None,
                         help=f"residual option {f.name} for every variant whose kind has it (default {f.default!r})")
     return ap
 

@@ -4,6 +4,7 @@ restricted by top_k / top_p, streamed text handles split UTF-8, bad requests fai
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,7 +241,8 @@ def test_generate_from_run_streams_to_out(monkeypatch):
     ids = tok.encode("the café").ids
     greedy = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     for eot in (tok.token_to_id("<|endoftext|>"), greedy[4]):
-        monkeypatch.setattr(run_load, "load_run_model", lambda run_dir, **kw: (model, None, tok, eot))
+        loaded = SimpleNamespace(model=model, tokenizer=tok, eot_id=eot)
+        monkeypatch.setattr(run_load, "load_model", lambda path, loaded=loaded, **kw: loaded)
         out = io.StringIO()
         text = generate_from_run("some/run", "the café", max_new_tokens=10, temperature=0, out=out)
         assert out.getvalue() == "the café" + text + "\n"

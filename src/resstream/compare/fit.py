@@ -20,7 +20,6 @@ order), so a multiplier's interval carries the noise the kinds do not share.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np

@@ -174,6 +174,9 @@ def _setup_items(summary: dict) -> list[str]:
         if m.get("mlp_hidden"):
             shape += f", MLP hidden {m['mlp_hidden']}"
         items.append("Model: " + shape)
+    if st.get("init_from"):
+        items.append(f"Initialised from: {st['init_from']} (every run starts from its weights and tokenizer; residual "
+                     "parameters a kind adds start at that kind's init)")
     if "corpus" in st:
         items.append(f"Corpus: {st['corpus']}")
     if "tokens_per_run" in st:

@@ -87,8 +87,10 @@ def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     from resstream.compare.report import format_table, write_report
     from resstream.compare.stats import summarize
     from resstream.data import prepare
+    from resstream.runs.init import resolve_init_from
 
     base, kinds, seeds = plan(cfg, opts)
+    base = resolve_init_from(base)  # a pretrained model's shape and tokenizer, so the data is prepared with it
     baseline = choose_baseline(kinds, opts.baseline if opts.baseline is not None else base.compare.baseline)
     cap = opts.max_seeds if opts.max_seeds is not None else base.compare.max_seeds
     if opts.auto_seeds and not 2 <= cap <= MAX_SEEDS:

@@ -76,7 +76,7 @@ def parse_counts(text: str) -> list[int]:
 def head_dim(model: dict) -> int:
     from resstream.model.config import ModelConfig
 
-    return ModelConfig.from_dict({**model, "vocab_size": 2}, prefix="model.").head_dim
+    return ModelConfig.from_dict({**model, "vocab_size": 2}, prefix="model.").dim_per_head
 
 
 def shaped(model: dict, n_layers: int, d_model: int) -> dict:
@@ -123,7 +123,7 @@ def shape_for_params(model: dict, vocab_size: int, target: int) -> tuple[int, in
     from resstream.model.config import ModelConfig
 
     base = ModelConfig.from_dict({**model, "vocab_size": vocab_size}, prefix="model.")
-    hd, ratio = base.head_dim, base.d_model / base.n_layers
+    hd, ratio = base.dim_per_head, base.d_model / base.n_layers
     best = None
     for n_layers in range(1, 129):
         d = max(hd, hd * round(ratio * n_layers / hd))

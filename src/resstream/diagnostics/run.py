@@ -1,8 +1,9 @@
-"""``resstream diagnose RUN_DIR``: the depth profile of one trained run, measured and drawn.
+"""``resstream diagnose RUN_DIR|MODEL``: the depth profile of one model, measured and drawn.
 
-Loads the run's newest good checkpoint (``resstream.runs.load_run``), measures
-it on the first validation windows (the same windows evaluation uses), and writes
-depth.json and the depth plots into RUN_DIR/diagnostics (or ``out_dir``).
+A run folder: its newest good checkpoint, measured on the first validation windows (the same
+windows evaluation uses), written into RUN_DIR/diagnostics (or ``out_dir``). Any other model
+path (GGUF, Hugging Face or resstream model folder): measured on the validation split of
+``corpus`` re-tokenized with its tokenizer, written to diagnostics-NAME (or ``out_dir``).
 """
 from __future__ import annotations
 
@@ -12,31 +13,35 @@ from pathlib import Path
 from resstream.diagnostics.depth import measure_depth
 
 
-def diagnose_run(run_dir: Path | str, out_dir: Path | str | None = None, batches: int = 4, device: str = "cpu") -> dict:
+def diagnose_run(run_dir: Path | str, out_dir: Path | str | None = None, batches: int = 4, device: str = "cpu",
+                 corpus: str | None = None) -> dict:
     """Measure and plot how the run's model uses its depth.
 
     Returns {"run_dir", "out_dir", "label", "depth" (the ``measure_depth`` result),
     "files" (paths written: depth.json, depth_rms.png, grad_norm.png, and mixing.png for kinds
     that mix over depth)}.
     """
-    from resstream.diagnostics import plots
-    from resstream.data.batches import val_batches
-    from resstream.runs import load_run
-
     from resstream.config import ConfigError
+    from resstream.diagnostics import plots
+    from resstream.diagnostics.commands import open_with_data
+    from resstream.data.batches import val_batches
 
     if batches < 1:
         raise ConfigError(f"--batches: must be >= 1 (validation batches to measure on), got {batches}")
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "diagnostics"
-    model, run_cfg, data = load_run(run_dir, device=device)
-    tc = run_cfg.train
-    seq_len = min(tc.seq_len, model.cfg.max_seq_len)
-    micro = max(1, tc.batch_size // tc.grad_accum)  # the batch one forward pass saw in training
+    loaded, data, _ = open_with_data(run_dir, corpus, device=device)
+    model, run_cfg, run_dir = loaded.model, loaded.run_config, loaded.path
+    default = run_dir / "diagnostics" if loaded.source == "run" else Path(f"diagnostics-{loaded.name}")
+    out_dir = Path(out_dir) if out_dir is not None else default
+    if run_cfg is not None:
+        tc = run_cfg.train
+        seq_len = min(tc.seq_len, model.cfg.max_seq_len)
+        micro = max(1, tc.batch_size // tc.grad_accum)  # the batch one forward pass saw in training
+    else:
+        seq_len, micro = min(256, model.cfg.max_seq_len), 1
     depth = measure_depth(model, val_batches(data.val, batches, micro, seq_len))
 
     kind = model.cfg.residual.kind
-    label = f"{run_cfg.name} ({kind})" if run_cfg.name != kind else kind
+    label = f"{loaded.name} ({kind})" if loaded.name != kind else kind
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"run_dir": str(run_dir), "label": label, "residual": model.cfg.residual.to_dict(),
               "batches": depth["n_batches"], "batch_size": micro, "seq_len": seq_len, "depth": depth}

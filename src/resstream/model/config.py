@@ -13,7 +13,10 @@ class ModelConfig(ConfigBase):
     """Shape of the decoder LM. L = 2 * n_layers sublayers (attention, MLP alternating).
 
     n_kv_heads: None means n_heads (plain multi-head attention); fewer means grouped-query.
+    head_dim: None means d_model / n_heads; pretrained models may set it (then the attention
+    width n_heads * head_dim can differ from d_model).
     mlp_hidden: None means the SwiGLU default, 8/3 * d_model rounded up to a multiple of 64.
+    qkv_bias: biases on the query, key and value projections (Qwen2-style models).
     """
 
     vocab_size: int
@@ -21,7 +24,9 @@ class ModelConfig(ConfigBase):
     n_layers: int = 8
     n_heads: int = 4
     n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
     mlp_hidden: Optional[int] = None
+    qkv_bias: bool = False
     rope_base: float = 10000.0
     max_seq_len: int = 1024
     tie_embeddings: bool = True
@@ -34,14 +39,17 @@ class ModelConfig(ConfigBase):
         require(self.d_model >= 1, f"model.d_model: must be >= 1, got {self.d_model}")
         require(self.n_layers >= 1, f"model.n_layers: must be >= 1, got {self.n_layers}")
         require(self.n_heads >= 1, f"model.n_heads: must be >= 1, got {self.n_heads}")
-        require(
-            self.d_model % self.n_heads == 0,
-            f"model.n_heads: {self.n_heads} heads do not divide d_model {self.d_model}",
-        )
-        require(
-            (self.d_model // self.n_heads) % 2 == 0,
-            f"model.n_heads: head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE",
-        )
+        if self.head_dim is None:
+            require(
+                self.d_model % self.n_heads == 0,
+                f"model.n_heads: {self.n_heads} heads do not divide d_model {self.d_model}",
+            )
+            require(
+                (self.d_model // self.n_heads) % 2 == 0,
+                f"model.n_heads: head dim d_model/n_heads = {self.d_model // self.n_heads} must be even for RoPE",
+            )
+        else:
+            require(self.head_dim >= 2 and self.head_dim % 2 == 0, f"model.head_dim: must be even and >= 2 for RoPE, got {self.head_dim}")
         kv = self.kv_heads
         require(kv >= 1, f"model.n_kv_heads: must be >= 1, got {kv}")
         require(
@@ -70,5 +78,5 @@ class ModelConfig(ConfigBase):
         return 2 * self.n_layers
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def dim_per_head(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim

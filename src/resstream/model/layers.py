@@ -50,11 +50,11 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
         self.wo.is_output_proj = True
         cos, sin = rope_tables(cfg.max_seq_len, self.hd, cfg.rope_base)

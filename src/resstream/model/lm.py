@@ -52,6 +52,8 @@ class LM(nn.Module):
                 if isinstance(m, nn.Linear):
                     s = std / math.sqrt(self.cfg.n_sublayers) if getattr(m, "is_output_proj", False) else std
                     nn.init.normal_(m.weight, mean=0.0, std=s)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.Embedding):
                     nn.init.normal_(m.weight, mean=0.0, std=std)
                 elif isinstance(m, RMSNorm):

@@ -102,7 +102,7 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
 
 def lower_bound(cfg: ModelConfig, batch: int, tokens: int, training: bool) -> MemoryEstimate:
     """Closed form for everything but the residual stream: a lower bound of ``measure``."""
-    D, L, hd = cfg.d_model, cfg.n_layers, cfg.head_dim
+    D, L, hd = cfg.d_model, cfg.n_layers, cfg.dim_per_head
     attn = D * cfg.n_heads * hd * 2 + 2 * D * cfg.kv_heads * hd + D
     mlp = 3 * D * cfg.hidden + D
     params = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + L * (attn + mlp) + D
@@ -135,7 +135,7 @@ def measure(cfg: ModelConfig, batch: int, tokens: int, training: bool, budget: f
             model(idx, idx)
     acts = int(ACTIVATION_PEAK * sum(saved.values()))
     if not training:
-        acts += cfg.n_layers * 2 * batch * cfg.kv_heads * tokens * cfg.head_dim * 4  # KV cache
+        acts += cfg.n_layers * 2 * batch * cfg.kv_heads * tokens * cfg.dim_per_head * 4  # KV cache
     return MemoryEstimate(params, params * per_param, buffers, acts)
 
 

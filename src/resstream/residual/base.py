@@ -87,6 +87,8 @@ class ResidualStream(nn.Module):
 
     ``identity_at_init``: a fresh stream makes the LM compute PreNorm's logits with the same
     sublayer weights (tested for every kind that claims it).
+    ``standard_residual``: the plain sum h = emb + sum_l y_l that standard transformers
+    (Hugging Face's Llama, llama.cpp) compute, so a model of this kind exports to them.
     ``mixes_depth``: read() mixes sources over depth and returns their weights.
     ``weights_sum_to_one``: those weights form a convex combination (softmax kinds); False for
     free, possibly negative coefficients.
@@ -97,6 +99,7 @@ class ResidualStream(nn.Module):
 
     kind: ClassVar[str] = ""  # set by register()
     identity_at_init: ClassVar[bool] = True
+    standard_residual: ClassVar[bool] = False
     mixes_depth: ClassVar[bool] = False
     weights_sum_to_one: ClassVar[bool] = True
     supports_recompute: ClassVar[bool] = False

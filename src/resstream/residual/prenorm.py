@@ -31,6 +31,8 @@ class PreNorm(ResidualStream):
     State: ``h``, the running sum [B, T, D].
     """
 
+    standard_residual = True
+
     def init(self, emb: Tensor) -> State:
         return {"h": emb}
 

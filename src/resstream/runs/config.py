@@ -54,9 +54,16 @@ class ScaleConfig(ConfigBase):
 
 @dataclass
 class RunConfig(ConfigBase):
-    """Everything one training run needs; written resolved into the run folder."""
+    """Everything one training run needs; written resolved into the run folder.
+
+    init_from: a pretrained model (a run folder, GGUF file, Hugging Face or resstream model
+    folder, or a fetched model's name) to continue training: its shape, weights and
+    tokenizer (see ``resstream.runs.init``); ``model`` may then only choose the residual and
+    max_seq_len, and holds the model's whole shape once resolved.
+    """
 
     name: str = "run"
+    init_from: Optional[str] = None
     model: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -65,17 +72,23 @@ class RunConfig(ConfigBase):
     scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        """The model config, with the vocabulary size taken from the tokenizer."""
+        """The model config, with the vocabulary size taken from the tokenizer (a pretrained
+        model's own, which may hold more ids than its tokenizer, when initialised from one)."""
         d = dict(self.model)
-        d["vocab_size"] = vocab_size
+        if "vocab_size" in d:
+            require(d["vocab_size"] >= vocab_size, f"model.vocab_size: {d['vocab_size']} embeddings for a tokenizer of {vocab_size} ids")
+        else:
+            d["vocab_size"] = vocab_size
         return ModelConfig.from_dict(d, prefix="model.")
 
     def validate(self) -> None:
         require(bool(self.name) and "/" not in self.name, f"name: must be a non-empty name without '/', got '{self.name}'")
+        require(self.init_from is None or bool(self.init_from), "init_from: name a model path, or leave it unset")
         # Check the model section eagerly (vocab_size comes later from the tokenizer).
         d = dict(self.model)
-        require("vocab_size" not in d, "model.vocab_size: is set from the tokenizer; set data.vocab_size instead")
-        ModelConfig.from_dict({**d, "vocab_size": self.data.vocab_size}, prefix="model.")
+        require("vocab_size" not in d or self.init_from is not None,
+                "model.vocab_size: is set from the tokenizer; set data.vocab_size instead")
+        ModelConfig.from_dict({"vocab_size": self.data.vocab_size, **d}, prefix="model.")
 
     def hash(self) -> str:
         return config_hash(self.to_dict())

@@ -1,5 +1,6 @@
 """Loading a trained run: its model from the newest good checkpoint, its tokenizer, its data,
-and generation from it. Readers of runs (generate, diagnose, the comparison report) come here."""
+and generation from it. Readers of runs (generate, diagnose, the comparison report) come here.
+``load_model`` takes a run folder or any pretrained model path (``resstream.pretrained``)."""
 from __future__ import annotations
 
 import io
@@ -17,9 +18,10 @@ from resstream.model.config import ModelConfig
 from resstream.model.generate import check_sampling, stream_generate
 from resstream.model.memory import check_memory
 from resstream.parallel.checkpoint import read_sharded
+from resstream.pretrained import LoadedModel, load
 from resstream.runs.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_model_state, nonfinite_tensor
 from resstream.runs.config import RunConfig
-from resstream.runs.folder import CONFIG, TOKENIZER, read_run_config
+from resstream.runs.folder import CONFIG, TOKENIZER, read_json, read_run_config
 
 
 def load_run_model(run_dir: Path | str, device: str = "cpu", meta: dict | None = None,
@@ -69,40 +71,71 @@ def _configs(run_dir: Path, meta: dict) -> tuple[RunConfig, ModelConfig]:
         raise ConfigError(f"{run_dir / CONFIG}: {e}") from None
 
 
+def run_data(run_dir: Path | str, run_cfg: RunConfig, meta: dict | None = None) -> PreparedData:
+    """The run's prepared data: reopened from its cache folder, or prepared again from the
+    recorded config (deterministic) if the cache is gone."""
+    meta = read_run_config(run_dir) if meta is None else meta
+    try:
+        return PreparedData.from_dir(Path(meta.get("data_dir", "")))
+    except Exception:
+        return prepare(run_cfg.data)
+
+
 def load_run(run_dir: Path | str, device: str = "cpu", trust_unverified: bool = False):
     """Load a finished or partial run: (model in eval mode, RunConfig, PreparedData).
 
-    Uses the newest checkpoint that verifies. The data is reopened from its cache folder
-    or prepared again from the recorded config (deterministic) if the cache is gone.
+    Uses the newest checkpoint that verifies; the data as ``run_data`` finds it.
     """
     meta = read_run_config(run_dir)
     model, run_cfg, _, _ = load_run_model(run_dir, device, meta=meta, trust_unverified=trust_unverified)
-    try:
-        data = PreparedData.from_dir(Path(meta.get("data_dir", "")))
-    except Exception:
-        data = prepare(run_cfg.data)
-    return model, run_cfg, data
+    return model, run_cfg, run_data(run_dir, run_cfg, meta)
+
+
+def is_run_folder(path: Path | str) -> bool:
+    """A folder made by ``resstream train`` (its config.json has a "run" section; a Hugging
+    Face folder's has none). A damaged config.json (unreadable, not a JSON object) counts, so
+    that reading it reports why."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        return False
+    meta = read_json(path / CONFIG)
+    return not isinstance(meta, dict) or "run" in meta
+
+
+def load_model(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               trust_unverified: bool = False, prompt: str = "", max_new_tokens: int = 0) -> LoadedModel:
+    """Any model path: a run folder (its newest good checkpoint; ``trust_unverified``, ``prompt``
+    and ``max_new_tokens`` as in load_run_model), a resstream model folder, a Hugging Face folder
+    or a GGUF file, with its own tokenizer (see ``resstream.pretrained``)."""
+    if not is_run_folder(path):
+        return load(path, dtype=dtype, device=device)
+    run_dir = Path(path)
+    model, run_cfg, tokenizer, eot = load_run_model(run_dir, device, trust_unverified=trust_unverified, prompt=prompt,
+                                                    max_new_tokens=max_new_tokens)
+    return LoadedModel(model.to(dtype), tokenizer, run_dir / TOKENIZER, eot, run_cfg.name, "run", run_dir,
+                       run_config=run_cfg)
 
 
 def generate_from_run(run_dir, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                       top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                       out: TextIO = sys.stdout, trust_unverified: bool = False, tp: int = 1) -> str:
-    """Load a run (its newest good checkpoint), write the prompt and its streamed continuation
-    to ``out``, and return the continuation. Stops early at the run's end-of-text token.
-    Warnings (a checkpoint skipped, ...) go to stderr, never into ``out``.
+    """Load a run (its newest good checkpoint) or any model path (a GGUF file, a Hugging Face or
+    resstream model folder), write the prompt and its streamed continuation to ``out``, and
+    return the continuation. Stops early at the model's end-of-text token. Warnings (a
+    checkpoint skipped, ...) go to stderr, never into ``out``.
 
     ``tp`` > 1: tensor-parallel over the processes of a torchrun launch (a multiple of tp);
     every rank computes the same tokens (one shared seed), rank 0 writes them."""
     check_sampling(temperature, top_k, top_p, seed)  # before the model is loaded
-    model, _run_config, tokenizer, eot = load_run_model(run_dir, trust_unverified=trust_unverified, prompt=prompt,
-                                                        max_new_tokens=max_new_tokens)
+    loaded = load_model(run_dir, trust_unverified=trust_unverified, prompt=prompt, max_new_tokens=max_new_tokens)
     if tp > 1:
         from resstream.parallel import tensor as tp_
 
-        tp_.parallelize(model, tp_.make_mesh("cpu", tp)["tp"])
+        tp_.parallelize(loaded.model, tp_.make_mesh("cpu", tp)["tp"])
         seed = tp_.shared_seed(seed)
         out = out if tp_.is_main() else io.StringIO()
-    pieces = stream_generate(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, eot)
+    pieces = stream_generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                             loaded.eot_id)
     out.write(prompt)
     out.flush()
     parts = []

@@ -22,9 +22,11 @@ from resstream.parallel.mesh import build_mesh
 from resstream.parallel.runtime import Runtime, make_runtime
 from resstream.parallel.tensor import check_tp
 from resstream.runs import folder
+from resstream.runs.checkpoint import list_checkpoints
 from resstream.runs.config import RunConfig
 from resstream.runs.lock import RunLock
 from resstream.runtime import tune_allocator
+from resstream.runs.init import init_weights, resolve_init_from
 from resstream.train.distributed import Dist, barrier, init_distributed
 from resstream.train.optim import make_optimizer
 
@@ -86,7 +88,7 @@ def _processes(cfg: RunConfig) -> tuple[Dist, torch.device, torch.dtype]:
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
-    n_layers = cfg.model_config(cfg.data.vocab_size).n_layers  # the tokenizer's vocabulary does not matter here
+    n_layers = cfg.model_config(cfg.model.get("vocab_size", 2)).n_layers  # any vocabulary gives the depth
     check_layout(cfg.parallel, d.world, n_layers, tc.batch_size, tc.grad_accum, tc.compile)
     return d, device, dtype
 
@@ -95,10 +97,13 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     """Prepare data and check the shapes (on every rank), then the run folder (main rank), then
     build the model: the same seed gives every residual kind the same non-residual weights (the
     stream initialises its own parameters after the rest), which sharpens paired comparisons."""
+    out = Path(out) if out is not None else default_run_dir(cfg)
+    restart = resume and bool(list_checkpoints(out))  # the saved config is resolved; the checkpoint has every weight
+    if not restart:
+        cfg = resolve_init_from(cfg)  # a pretrained model's shape and tokenizer, when continuing one
     tc = cfg.train
     tune_allocator()  # activations reused from step to step instead of page-faulted in again
     d, device, dtype = _processes(cfg)
-    out = Path(out) if out is not None else default_run_dir(cfg)
     say = log if d.is_main else (lambda s: None)
     if d.is_main:
         data = prepare(cfg.data, log=say)
@@ -116,7 +121,7 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     lock = folder.claim_run_dir(out, resume) if d.is_main else None
     try:
         barrier(d)
-        rt, meta = _runtime(cfg, mcfg, device, dtype)
+        rt, meta = _runtime(cfg, mcfg, device, dtype, say if cfg.init_from is not None and not restart else None)
     except BaseException:
         if lock is not None:
             folder.discard_unstarted(out, lock)
@@ -126,13 +131,18 @@ def setup_session(cfg: RunConfig, out: Path | str | None, resume: bool, log: Cal
     return Session(cfg, out, d, device, dtype, data, rt, meta, make_optimizer(rt.module, tc), vbatches, token_bytes, say, lock)
 
 
-def _runtime(cfg: RunConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> tuple[Runtime, dict]:
+def _runtime(cfg: RunConfig, mcfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+             init_say: Callable[[str], None] | None = None) -> tuple[Runtime, dict]:
     """The whole model, built the same way on every rank, handed to the runtime of the run's
-    layout (which keeps this rank's part); plus what config.json records about the model."""
+    layout (which keeps this rank's part); plus what config.json records about the model.
+    ``init_say``: given when the weights come from cfg.init_from (a new run continuing a
+    pretrained model), which is told what was loaded."""
     tc, p = cfg.train, cfg.parallel
     model = LM(mcfg)
     torch.manual_seed(tc.seed)
     model.reset_parameters()
+    if init_say is not None:
+        init_weights(model, cfg, init_say)
     meta = {"model": mcfg.to_dict(), "params": model.num_params(), "params_residual": model.num_params(residual_only=True)}
     mesh = build_mesh(p, device)
     per_replica = tc.batch_size // (tc.grad_accum * mesh.dp)
