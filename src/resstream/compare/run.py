@@ -20,15 +20,21 @@ from resstream.runs.config import RunConfig
 
 
 @dataclass
-class CompareOptions:
+class JobOptions:
+    """What every experiment over kinds x seeds takes (compare, scale, sweep); None: the config's."""
+
     residuals: str | None = None  # residual specs "kind,kind:key=value,key=value,..."
     seeds: int | None = None
-    steps: int | None = None
     tokens: int | None = None
     out: Path | None = None
     force: bool = False
     progress: bool = True
     baseline: str | None = None  # an entry of residuals (its spec or label); None: the first
+
+
+@dataclass
+class CompareOptions(JobOptions):
+    steps: int | None = None
     auto_seeds: bool = False  # add seeds until the paired tests decide (compare/decide.py)
     max_seeds: int | None = None  # the cap of auto_seeds; None: compare.max_seeds
 

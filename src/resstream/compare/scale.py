@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from resstream.compare.run import choose_baseline, plan
+from resstream.compare.run import JobOptions, choose_baseline, plan
 from resstream.compare.sizes import (Size, build_on_meta, build_sizes, parse_counts, parse_shapes, shape_for_params,
                                      shaped)
 from resstream.config import ConfigError, apply_overrides
@@ -23,17 +23,10 @@ from resstream.runs.config import RunConfig
 
 
 @dataclass
-class ScaleOptions:
-    residuals: str | None = None  # residual specs as for compare; default compare.residuals
+class ScaleOptions(JobOptions):
     sizes: str | None = None  # "4x64,6x96,8x128"; default scale.sizes
     params: str | None = None  # "200k,1M": target parameter counts instead of sizes
-    seeds: int | None = None
     tokens_per_param: float | None = None
-    tokens: int | None = None
-    out: Path | None = None
-    force: bool = False
-    progress: bool = True
-    baseline: str | None = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resstream.compare.run import CompareOptions, choose_baseline, plan
+from resstream.compare.run import CompareOptions, JobOptions, choose_baseline, plan
 from resstream.config import ConfigError, apply_overrides, parse_value
 from resstream.residual.config import format_spec, option_names, spec_label
 from resstream.runs.config import RunConfig
@@ -24,16 +24,9 @@ RESIDUAL = "model.residual."
 
 
 @dataclass
-class SweepOptions:
+class SweepOptions(JobOptions):
     axes: list[str] = field(default_factory=list)  # "KEY=V1,V2,..."; one value: a fixed override
-    residuals: str | None = None
-    seeds: int | None = None
     steps: int | None = None
-    tokens: int | None = None
-    out: Path | None = None
-    force: bool = False
-    progress: bool = True
-    baseline: str | None = None
 
 
 @dataclass

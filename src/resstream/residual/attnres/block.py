@@ -32,7 +32,7 @@ from resstream.residual.attnres.phases import Phase1, Phase2, merge
 from resstream.residual.attnres.queries import PseudoQueries
 from resstream.residual.attnres.recompute import RecomputesInput
 from resstream.residual.attnres.reference import block_attnres_reference
-from resstream.residual.attnres.variants import AblationBlock
+from resstream.residual.attnres.variants import AblationBlock, SwitchesToAblation
 from resstream.residual.base import Boundary, State, register
 
 
@@ -49,7 +49,7 @@ class BlockOptions(FullOptions):
 
 
 @register("block_attnres", options=BlockOptions, reference=block_attnres_reference)
-class BlockAttnRes(RecomputesInput, PseudoQueries):
+class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
     """Block Attention Residuals with S = ``residual.block_size`` sublayers per block.
 
     State: ``blocks`` (b_0 = emb and the completed block sums) with their logit columns
@@ -60,12 +60,7 @@ class BlockAttnRes(RecomputesInput, PseudoQueries):
 
     source_legend = {"emb": "token embedding", "B{j}": "sum of block j", "partial": "running sum of the open block"}
 
-    def __new__(cls, options=None, *args, **kwargs):
-        if options is not None and options.is_ablation():  # Table 4's ablations run on the plain path
-            stream = AblationBlock(options, *args, **kwargs)
-            stream.kind = cls.kind
-            return stream
-        return super().__new__(cls)
+    ablation_class = AblationBlock  # Table 4's ablations run on the plain path
 
     def __init__(self, options: BlockOptions, n_sublayers: int, d_model: int) -> None:
         super().__init__(options, n_sublayers, d_model)

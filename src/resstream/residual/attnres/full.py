@@ -38,7 +38,7 @@ from resstream.residual.attnres.lean import HistoryDecoder
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
 from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
-from resstream.residual.attnres.variants import AblationFull, AblationOptions
+from resstream.residual.attnres.variants import AblationFull, AblationOptions, SwitchesToAblation
 from resstream.residual.base import Boundary, State, register
 
 
@@ -112,19 +112,14 @@ class FullOptions(AblationOptions, RecomputeOption, PseudoQueryOptions):
 
 
 @register("attnres", options=FullOptions, reference=attnres_reference)
-class FullAttnRes(RecomputesInput, SourceHistory):
+class FullAttnRes(SwitchesToAblation, RecomputesInput, SourceHistory):
     """Full Attention Residuals: sublayer l mixes the embedding and all l earlier outputs.
 
     State (see SourceHistory): the token's history v_0 = emb, v_1 = f_0, ... with each
     source's logits against the later queries, computed once when it is written.
     """
 
-    def __new__(cls, options=None, *args, **kwargs):
-        if options is not None and options.is_ablation():  # Table 4's ablations run on the plain path
-            stream = AblationFull(options, *args, **kwargs)
-            stream.kind = cls.kind
-            return stream
-        return super().__new__(cls)
+    ablation_class = AblationFull  # Table 4's ablations run on the plain path
 
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is v for v in state["values"])

@@ -74,6 +74,20 @@ class AblationOptions(ConfigBase):
         return any(getattr(self, k) != v for k, v in DEFAULTS.items())
 
 
+class SwitchesToAblation:
+    """Mixin of a fast AttnRes stream: built with ablation options (``is_ablation``), the
+    constructor returns ``ablation_class`` instead, the plain path of the same kind."""
+
+    ablation_class: type
+
+    def __new__(cls, options=None, *args, **kwargs):
+        if options is not None and options.is_ablation():
+            stream = cls.ablation_class(options, *args, **kwargs)
+            stream.kind = cls.kind
+            return stream
+        return super().__new__(cls)
+
+
 def _rms(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
