@@ -137,6 +137,27 @@ def test_run_jobs_trains_in_a_child_process_and_skips_finished_runs(tmp_path):
     assert folder.read_status(run)["status"] == "finished" and "training" in logs[0]
     run_jobs(job, False, logs.append)
     assert "finished already, skipping" in logs[1]
+    # a run folder trained with another config is never taken for the planned run
+    with pytest.raises(ConfigError, match="was trained with another config"):
+        run_jobs([("one", run, cfg("train.steps=3").to_dict())], False, logs.append)
+    assert folder.read_status(run)["status"] == "finished"
+
+
+def test_force_moves_a_different_experiments_runs_aside(tmp_path):
+    from resstream.compare.jobs import claim_output
+
+    out = tmp_path / "x"
+    claim_output(out, {"a": 1}, force=False)
+    (out / "runs" / "r").mkdir(parents=True)
+    (out / "runs" / "r" / "keep.txt").write_text("trained")
+    claim_output(out, {"a": 1}, force=False)  # the same experiment: runs kept in place
+    assert (out / "runs" / "r" / "keep.txt").exists()
+    with pytest.raises(ConfigError, match="holds a different comparison"):
+        claim_output(out, {"a": 2}, force=False)
+    claim_output(out, {"a": 2}, force=True)
+    aside = [p for p in out.iterdir() if p.name.startswith("runs.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "r" / "keep.txt").read_text() == "trained"
+    assert not (out / "runs").exists() and json.loads((out / "comparison.json").read_text()) == {"a": 2}
 
 
 def test_scale_end_to_end_and_resume(tmp_path, inline_jobs):

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, help="optimizer steps per run")
     c.add_argument("--tokens", type=int, help="token budget per run (sets the steps)")
     c.add_argument("--out", help="output folder (default compare-<name>)")
-    c.add_argument("--force", action="store_true", help="reuse an output folder that holds a different comparison")
+    c.add_argument("--force", action="store_true", help="take over an output folder that holds a different comparison (its runs are moved aside, not deleted)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_compare)
 

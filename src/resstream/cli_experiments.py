@@ -55,7 +55,7 @@ def _scale_parser(sub) -> None:
     sc.add_argument("--tokens", type=int, help="or the same token budget for every size")
     sc.add_argument("--corpus", help="kjv, python-stdlib, a path or hf:NAME")
     sc.add_argument("--out", help="output folder (default scale-<name>)")
-    sc.add_argument("--force", action="store_true", help="reuse an output folder that holds a different experiment")
+    sc.add_argument("--force", action="store_true", help="take over an output folder that holds a different experiment (its runs are moved aside, not deleted)")
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(fn=cmd_scale)
 
@@ -73,7 +73,7 @@ def _sweep_parser(sub) -> None:
     sw.add_argument("--steps", type=int, help="optimizer steps per run")
     sw.add_argument("--tokens", type=int, help="token budget per run (sets the steps)")
     sw.add_argument("--out", help="output folder (default sweep-<name>)")
-    sw.add_argument("--force", action="store_true", help="reuse an output folder that holds a different experiment")
+    sw.add_argument("--force", action="store_true", help="take over an output folder that holds a different experiment (its runs are moved aside, not deleted)")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(fn=cmd_sweep)
 
