@@ -85,10 +85,11 @@ def plot_sweep(series: Mapping[str, Sequence[tuple]], out_path: Path | str, xlab
         ax.set_xscale("log")
     if tick_labels is not None:
         ax.set_xticks(range(len(tick_labels)), tick_labels)
-    elif not log_x:
+    else:  # the swept values themselves as ticks, written plainly (not 2×10⁰ on a log axis)
         xs_all = sorted({x for pts in series.values() for x, _ in pts})
-        if xs_all and all(float(x).is_integer() for x in xs_all):
-            ax.set_xticks(xs_all)
+        if xs_all and (log_x or all(float(x).is_integer() for x in xs_all)):
+            ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+            ax.xaxis.set_minor_locator(mticker.NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
