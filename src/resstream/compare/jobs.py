@@ -76,3 +76,14 @@ def run_jobs(jobs: list[tuple[str, Path, dict]], progress: bool, log: Callable[[
         proc.join()
         if proc.exitcode != 0 and (folder.read_status(run_dir) or {}).get("status") != "diverged":
             raise RuntimeError(f"run {run_dir} failed (exit code {proc.exitcode}); see the output above, then re-run the same command to resume")
+
+
+def publish(out: Path, summary: dict, write_report: Callable[[dict, Path], tuple], table: str,
+            log: Callable[[str], None]) -> None:
+    """An experiment's results: OUT/summary.json (every number), the report written by
+    ``write_report(summary, out)`` (-> (md path, html path)), and the table printed."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    md, html = write_report(summary, out)
+    log("")
+    log(table)
+    log(f"\nreport: {html}\n        {md}")

@@ -89,7 +89,7 @@ def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     """Train every (kind, seed), measure depth use, and write summary.json and the report."""
     from resstream.compare.collect import collect
     from resstream.compare.decide import run_until_decided
-    from resstream.compare.jobs import claim_output, run_jobs
+    from resstream.compare.jobs import claim_output, publish, run_jobs
     from resstream.compare.report import format_table, write_report
     from resstream.compare.stats import summarize
     from resstream.data import prepare
@@ -130,9 +130,5 @@ def compare(cfg: RunConfig, opts: CompareOptions, log=print) -> dict:
     summary = summarize(collect(out, base, kinds, seeds, data, baseline))
     if auto:
         summary["setup"]["seeds_auto"] = auto
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    md, html = write_report(summary, out)
-    log("")
-    log(format_table(summary))
-    log(f"\nreport: {html}\n        {md}")
+    publish(out, summary, write_report, format_table(summary), log)
     return summary

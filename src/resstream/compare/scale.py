@@ -98,7 +98,7 @@ def fingerprint(p: ScalePlan) -> dict:
 
 def scale(cfg: RunConfig, opts: ScaleOptions, log=print) -> dict:
     """Train every (size, kind, seed), fit the scaling laws, write summary.json and the report."""
-    from resstream.compare.jobs import claim_output, run_jobs
+    from resstream.compare.jobs import claim_output, publish, run_jobs
     from resstream.compare.scale_analysis import analyse, collect_points
     from resstream.compare.scale_report import format_scale, write_scale_report
     from resstream.data import prepare
@@ -114,11 +114,7 @@ def scale(cfg: RunConfig, opts: ScaleOptions, log=print) -> dict:
 
     points = collect_points(out, p, run_dir)
     summary = analyse(points, p, data.stats, p.base.scale.bootstrap)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    md, html = write_scale_report(summary, out)
-    log("")
-    log(format_scale(summary))
-    log(f"\nreport: {html}\n        {md}")
+    publish(out, summary, write_scale_report, format_scale(summary), log)
     return summary
 
 

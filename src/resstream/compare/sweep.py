@@ -152,7 +152,7 @@ def cell_dir(out: Path, cell: Cell, seed: int) -> Path:
 
 def sweep(cfg: RunConfig, opts: SweepOptions, log=print) -> dict:
     """Train every (cell, seed), then write summary.json and the sweep report."""
-    from resstream.compare.jobs import claim_output, run_jobs
+    from resstream.compare.jobs import claim_output, publish, run_jobs
     from resstream.compare.sweep_report import analyse_sweep, format_sweep, write_sweep_report
     from resstream.data import prepare
 
@@ -166,9 +166,5 @@ def sweep(cfg: RunConfig, opts: SweepOptions, log=print) -> dict:
     run_jobs(jobs, opts.progress, log)
 
     summary = analyse_sweep(out, base, labels, cells, seeds, baseline, axes, cell_dir)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    md, html = write_sweep_report(summary, out)
-    log("")
-    log(format_sweep(summary))
-    log(f"\nreport: {html}\n        {md}")
+    publish(out, summary, write_sweep_report, format_sweep(summary), log)
     return summary
