@@ -20,7 +20,7 @@ B, T, D = 2, 9, 32
 @pytest.fixture
 def compiled_mixing():
     mode = compiled.get_mode()
-    compiled.set_mode("on")
+    compiled.set_mode("inductor")
     yield
     compiled.set_mode(mode)
 
@@ -31,11 +31,11 @@ def _rand(*shape):
 
 def _both(fn):
     """fn() on the compiled path, then on the eager path."""
-    compiled.set_mode("on")
+    compiled.set_mode("inductor")
     a = fn()
     compiled.set_mode("off")
     b = fn()
-    compiled.set_mode("on")
+    compiled.set_mode("inductor")
     return a, b
 
 
@@ -97,7 +97,7 @@ def test_mixed_dtypes_under_autocast(compiled_mixing, kind, opts):
     with torch.no_grad():
         ref = model(idx).float()
     outs = []
-    for mode in ("on", "off"):
+    for mode in ("inductor", "off"):
         compiled.set_mode(mode)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -132,10 +132,10 @@ def test_missing_compiler(monkeypatch, capsys):
     monkeypatch.setitem(compiled._state, "said", set())
     kernel = compiled.Kernel(lambda x: x + 1)
     monkeypatch.setitem(compiled._state, "mode", "auto")
-    assert not kernel.active(torch.device("cpu"))  # auto: eager on CPU, nothing to say
+    assert not kernel.active(torch.device("cpu"))  # auto: no inductor on CPU (native kernels there), nothing to say
     assert not kernel.active(torch.device("cuda"))
     assert capsys.readouterr().err.count("no C++ compiler found") == 1
-    monkeypatch.setitem(compiled._state, "mode", "on")
+    monkeypatch.setitem(compiled._state, "mode", "inductor")
     with pytest.raises(RuntimeError, match="no C.. compiler"):
         kernel.active(torch.device("cpu"))
     with pytest.raises(ValueError, match="compile mode"):

@@ -27,6 +27,7 @@ from resstream.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, shard_
 from resstream.data.corpus import Corpus, content_hash
 from resstream.data.sources import load_corpus
 from resstream.data.split import assign_val, split_key
+from resstream.runtime import cache_root
 from resstream.data.tokenizer import PIECE_CHARS, encode_documents, find_eot_id, load_tokenizer, tokenizer_file, train_bpe
 
 Log = Callable[[str], None]
@@ -34,7 +35,7 @@ TMP_PREFIX = ".tmp-"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RESSTREAM_CACHE") or Path.home() / ".cache" / "resstream").expanduser()
+    return cache_root()
 
 
 def cache_key(cfg: DataConfig, corpus: Corpus) -> str:

@@ -9,13 +9,18 @@ few (their arity is fixed, see attnres/fused.py), so they compile in seconds and
 by every sublayer; inductor's on-disk cache makes later processes reuse them too. Everything
 else stays eager: compiling the whole model (``train.compile``) takes minutes on a CPU.
 
-    mode  "auto" (default): compiled on CUDA (where Triton is installed; else eager with one
-          line saying so), eager on CPU: on a CPU eager multiply-adds keep their accumulator
-          in cache and the fused kernels measured no faster at our shapes, while compiling
-          costs 10-30 s per process (README, Performance: the ``mixing`` path of the benchmarks);
-          "on": compiled on any device with a compiler (a C++ compiler on CPU), raise if not;
+    mode  "auto" (default): on a CPU the fused C kernels of residual/native.py (built in about
+          a second with the system C compiler; eager with one line saying so if there is none),
+          on CUDA these compiled kernels (where Triton is installed; else eager, one line);
+          "on": the same, raising instead of falling back when no compiler is found;
+          "inductor": these torch.compile kernels on any device (a C++ compiler on CPU): the
+          GPU path, runnable on a CPU (tests, benchmarks' ``inductor`` path);
           "off": eager only. Set by ``set_mode`` or the environment variable
           RESSTREAM_COMPILE_MIXING.
+
+Why not inductor on a CPU by default: its kernels measured no faster than eager in training
+steps here (a compiled call costs tens of microseconds of guards and wrappers), and
+compiling costs 10-30 s per process; the C kernels cost a few microseconds per call.
 
 A kernel that fails to compile says so in one line on stderr and runs eager from then on. The
 time spent in calls that compiled (first call per input signature) is summed in
@@ -31,7 +36,9 @@ from typing import Callable
 
 import torch
 
-MODES = ("auto", "on", "off")
+from resstream.residual import native
+
+MODES = ("auto", "on", "inductor", "off")
 _state = {"mode": os.environ.get("RESSTREAM_COMPILE_MIXING", "auto"), "seconds": 0.0, "said": set()}
 if _state["mode"] not in MODES:
     print(f"resstream: RESSTREAM_COMPILE_MIXING={_state['mode']!r} is not one of {', '.join(MODES)}; using 'auto'",
@@ -113,12 +120,12 @@ class Kernel:
     def active(self, device: torch.device | None) -> bool:
         """Whether a call on ``device`` runs compiled."""
         mode = _state["mode"]
-        if device is None or mode == "off" or self._failed or (mode == "auto" and device.type != "cuda"):
+        if device is None or mode == "off" or self._failed or (mode != "inductor" and device.type != "cuda"):
             return False
         ok, why = compiler_available(device)
         if not ok:
-            if mode == "on":
-                raise RuntimeError(f"compiled depth mixing asked (mode 'on') but {why}")
+            if mode != "auto":
+                raise RuntimeError(f"compiled depth mixing asked (mode {mode!r}) but {why}")
             _say_once(f"nocompiler-{device.type}", f"depth mixing runs eager on {device.type}: {why}")
         return ok
 
@@ -144,7 +151,7 @@ class Kernel:
             with torch._dynamo.config.patch(recompile_limit=64):
                 out = self._compiled(*args)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say it once)
-            if _state["mode"] == "on":
+            if _state["mode"] != "auto":
                 raise
             self._failed = True
             _say_once(f"failed-{self.name}", f"compiling the depth mixing ({self.name}) failed, running eager: "
@@ -158,3 +165,18 @@ class Kernel:
 def kernel(fn: Callable) -> Kernel:
     """Decorator: ``fn`` becomes a Kernel (compiled where possible, see the module docstring)."""
     return Kernel(fn)
+
+
+def native_kernels(*tensors: torch.Tensor):
+    """The fused C kernels of residual/native.py if the mode allows them for these tensors
+    (float32, contiguous, on the CPU) and they are built, else None (callers run their other path)."""
+    mode = _state["mode"]
+    if mode not in ("auto", "on") or not native.eligible(*tensors):
+        return None
+    lib, seconds, why = native.library()
+    _state["seconds"] += seconds
+    if lib is None:
+        if mode == "on":
+            raise RuntimeError(f"compiled depth mixing asked (mode 'on') but {why}")
+        _say_once("native", f"depth mixing runs eager on cpu: {why}")
+    return lib

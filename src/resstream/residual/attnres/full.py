@@ -33,13 +33,15 @@ from torch import Tensor
 
 from resstream.config import require
 from resstream.residual.attnres.fused import mix
-from resstream.residual.attnres.kernels import as_source, normed_logit_columns, softmax_mixture
+from resstream.residual.attnres.kernels import GradSums, new_grad_sums, softmax_mixture
 from resstream.residual.attnres.lean import HistoryDecoder
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
 from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
+from resstream.residual.attnres.source_grad import KeyedSums, keyed_read
 from resstream.residual.attnres.variants import AblationFull, AblationOptions, SwitchesToAblation
 from resstream.residual.base import Boundary, State, register
+from resstream.residual.compiled import native_kernels
 
 
 class SourceHistory(PseudoQueries):
@@ -57,11 +59,23 @@ class SourceHistory(PseudoQueries):
         q, sums, emb, cols = self.open_sources(emb)
         return {"values": (emb,), "ids": (0,), "logits": (cols,), "q": q, "sums": sums}
 
+    def new_sums(self, emb: Tensor) -> GradSums | None:
+        # gradients at source time (source_grad.py) where the native kernels run; not with
+        # recompute, whose reads must not keep their output
+        sums = new_grad_sums()
+        lib = native_kernels(emb, self.queries) if sums is not None and not getattr(self.options, "recompute", False) else None
+        return sums if lib is None else KeyedSums(lib)
+
     def _read_row(self, state: State, row: int) -> tuple[Tensor, Tensor]:
         """The mixture read by query ``row`` (L: the final mixture) and its weights."""
         z = [cols[row - i] for i, cols in zip(state["ids"], state["logits"])]
+        sums = state["sums"]
+        if isinstance(sums, KeyedSums):
+            alpha = torch.softmax(torch.stack(z, dim=-1), dim=-1)
+            values = state["values"]
+            return (values[0] if len(values) == 1 else keyed_read(alpha, sums, state["ids"], row, values)), alpha
         ids = None if self.window is None else state["ids"]  # None: ids are positions
-        return softmax_mixture(z, state["values"], state["sums"], ids)
+        return softmax_mixture(z, state["values"], sums, ids)
 
     def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
         return self._read_row(state, l)
@@ -73,9 +87,8 @@ class SourceHistory(PseudoQueries):
         return HistoryDecoder(self, {} if scratch is None else scratch)
 
     def write(self, state: State, l: int, y: Tensor) -> State:
-        y = as_source(y, state["sums"], l + 1)
         last = self.n_sublayers if self.window is None else min(l + self.window, self.n_sublayers)
-        cols = normed_logit_columns(y, state["q"][l + 1 : last + 1], self.eps)  # readers l+1..last
+        y, cols = self.source(y, state["q"], state["sums"], l + 1, l + 1, last)  # readers l+1..last
         values, ids, logits = state["values"] + (y,), state["ids"] + (l + 1,), state["logits"] + (cols,)
         if self.window is not None and len(values) > self.window + 1:  # the oldest output leaves
             values, ids, logits = values[:1] + values[2:], ids[:1] + ids[2:], logits[:1] + logits[2:]

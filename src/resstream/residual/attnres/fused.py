@@ -2,9 +2,11 @@
 
 Each function here computes one piece of the mixing on plain tensors (no autograd: the
 custom autograd Functions of kernels.py and phases.py call them in their forward and
-backward). Two paths compute the same formula:
+backward). Three paths compute the same formula:
 
-- compiled (residual/compiled.py, the default where a compiler works): one fused loop per
+- native (residual/native.py, the default on a CPU where a C compiler works; float32): one
+  loop over tokens per call, each source and output read or written once;
+- compiled (residual/compiled.py, the default on CUDA where Triton works): one fused loop per
   reduction group. Mixtures go in chunks of CHUNK sources, so a chunk of k sources costs
   k + 2 passes instead of eager's 3k - 1, and the kernels have a fixed arity (short chunks
   repeat their last source with weight 0): a handful of graphs serves every sublayer, every
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resstream.residual.base import stats_dtype
-from resstream.residual.compiled import kernel
+from resstream.residual import native
+from resstream.residual.compiled import kernel, native_kernels
 
 CHUNK = 8  # sources per compiled mixing call
 
@@ -113,6 +116,10 @@ def mix(a: Tensor, values: Sequence[Tensor], acc: Tensor | None = None) -> Tenso
     mixture (Full's reads, Block's phase 1, the gradient sums), so that recomputing one is
     bitwise exact."""
     out = mix_dtype(values) if acc is None else acc.dtype
+    lib = native_kernels(*values, *(() if acc is None else (acc,)))
+    if lib is not None:
+        a = a.to(torch.float32)
+        return native.mix(lib, [[a[..., j] for j in range(len(values))]], values, None if acc is None else [acc])[0]
     if mix_chunk.usable(a, *values):
         a = a.to(torch.promote_types(stats_dtype(values[0]), a.dtype))
         for c, k in _chunks(len(values)):
@@ -125,8 +132,20 @@ def mix(a: Tensor, values: Sequence[Tensor], acc: Tensor | None = None) -> Tenso
     return h if acc is None else h.add_(acc)
 
 
+def mix_columns(weights: Sequence[Tensor], values: Sequence[Tensor], acc: Tensor | None = None) -> Tensor:
+    """mix() with the weights given as per-token columns ([B, T, 1] views), as the gradient sums
+    collect them: the native kernel reads them where they are, the other paths concatenate them."""
+    lib = native_kernels(*values, *weights, *(() if acc is None else (acc,)))
+    if lib is not None:
+        return native.mix(lib, [list(weights)], values, None if acc is None else [acc])[0]
+    return mix(torch.cat(list(weights), dim=-1), values, acc)
+
+
 def dots(g: Tensor, values: Sequence[Tensor]) -> Tensor:
     """<g, v_i> per token for every source: [B, T, n] in the statistics dtype."""
+    lib = native_kernels(g, *values)
+    if lib is not None:
+        return native.dots(lib, [g], values).squeeze(-2)
     if dots_chunk.usable(g, *values):
         parts = [dots_chunk(g, *_padded(values[c : c + k], k))[..., :k] for c, k in _chunks(len(values))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -139,6 +158,10 @@ def merge_forward(o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float) -> t
     (statistics in lse's dtype, x in the mixture dtype of o and p: under autocast o, which holds
     the embedding, is float32 and p, a sum of sublayer outputs, may be bfloat16)."""
     o = o.to(mix_dtype((o, p)))
+    lse = lse.contiguous()
+    lib = native_kernels(o, p, q, lse)
+    if lib is not None:
+        return native.merge_forward(lib, o, p, q, lse, eps)
     if merge_forward_fused.usable(o, p, q, lse):
         return merge_forward_fused(o, p, q, lse.contiguous(), eps)
     dt = lse.dtype
@@ -152,6 +175,10 @@ def merge_forward(o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float) -> t
 def merge_backward(gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, s: Tensor, gate: Tensor):
     """Gradients of merge_forward's x (see phases.Phase2): (go, gp, gq, dz) with dz = gate <g, p - x>."""
     dt = gate.dtype
+    lib = native_kernels(gx, p, x, q, r, s, gate)
+    if lib is not None:
+        go, gp, dz, gq = native.merge_backward(lib, gx, p, x, q, r, s, gate)
+        return go, gp, gq.to(q.dtype), dz
     if merge_backward_fused.usable(gx, p, x, q, r, s, gate):
         go, gp, dz = merge_backward_fused(gx, p, x, q, r, s, gate)
     else:
@@ -162,3 +189,20 @@ def merge_backward(gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, s: Te
         gp.addcmul_(p, (-dz * r.square() * s / p.shape[-1]).unsqueeze(-1).to(gp.dtype))
     gq = (p.to(dt).reshape(-1, p.shape[-1]).t() @ (dz * r).reshape(-1)).to(q.dtype)
     return go, gp, gq, dz
+
+
+def mix_many(A: Tensor, values: Sequence[Tensor]) -> list[Tensor]:
+    """[mix(A[..., s, :], values) for every s] (A [B, T, S, n]): Block's phase 1, every query of a
+    block at once; the native kernel reads each source once for all of them."""
+    lib = native_kernels(*values)
+    if lib is not None:
+        return native.mix(lib, native.rows(A.to(torch.float32)), values)
+    return [mix(A[..., s, :], values) for s in range(A.shape[-2])]
+
+
+def dots_many(grads: Sequence[Tensor], values: Sequence[Tensor]) -> Tensor:
+    """<grads[s], values[j]> per token: [B, T, S, n] in the statistics dtype."""
+    lib = native_kernels(*grads, *values)
+    if lib is not None:
+        return native.dots(lib, grads, values)
+    return torch.stack([dots(g, values) for g in grads], dim=-2)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resstream.residual.attnres.fused import dots, mix, mix_dtype
+from resstream.residual.attnres.fused import dots, mix, mix_columns, mix_dtype
 from resstream.residual.base import stats_dtype
 
 
@@ -114,18 +114,20 @@ class GradSums:
 
     def __init__(self) -> None:
         self.parts: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.running: dict[int, Tensor] = {}  # sums readers already formed (Block's phase 1, native)
 
     def add(self, i: int, weight: Tensor, grad: Tensor) -> None:
         self.parts.setdefault(i, []).append((weight, grad))
 
     def total(self, i: int, direct: Tensor | None) -> Tensor | None:
         """The gradient of source i: its readers' parts, plus ``direct`` (what reached it otherwise)."""
-        parts = self.parts.pop(i, [])
+        parts, running = self.parts.pop(i, []), self.running.pop(i, None)
+        if running is not None:  # our own buffer: add in place
+            direct = running if direct is None else running.add_(direct.to(running.dtype))
         if not parts:
             return direct
-        weights = torch.cat([w for w, _ in parts], dim=-1)
         grads = [g for _, g in parts]
-        return mix(weights, grads, None if direct is None else direct.to(mix_dtype(grads)))
+        return mix_columns([w for w, _ in parts], grads, None if direct is None else direct.to(mix_dtype(grads)))
 
 
 def new_grad_sums() -> GradSums | None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from resstream.config import ConfigBase, require
 from resstream.residual.attnres.kernels import GradSums, as_source, new_grad_sums, normed_logit_columns
+from resstream.residual.attnres.source_grad import KeyedSums, keyed_source
 from resstream.residual.base import ResidualStream
 
 
@@ -63,23 +64,35 @@ class PseudoQueries(ResidualStream):
             return self.queries
         return self.queries * self.key_norm_weight
 
+    def new_sums(self, emb: Tensor) -> GradSums | None:
+        """The gradient sums of one forward (None: no backward follows); kinds whose sources may
+        take their gradients at source time (source_grad.py) return KeyedSums where they can."""
+        return new_grad_sums()
+
+    def source(self, v: Tensor, q: Tensor, sums: GradSums | None, i: int, first: int, last: int) -> tuple[Tensor, tuple]:
+        """v as source i with its logit columns against rows first..last of q: (source, columns)."""
+        if isinstance(sums, KeyedSums):
+            return keyed_source(v, q[: last + 1], sums, i, first, self.eps)
+        return as_source(v, sums, i), normed_logit_columns(v, q[first : last + 1], self.eps)
+
     def open_sources(self, emb: Tensor) -> tuple[Tensor, GradSums | None, Tensor, tuple[Tensor, ...]]:
         """Start a forward: (effective queries, gradient sums or None, the embedding as source 0,
         its logit columns against every row)."""
         q = self.effective_queries()
-        sums = new_grad_sums()
-        emb = as_source(emb, sums, 0)
-        return q, sums, emb, normed_logit_columns(emb, q, self.eps)
+        sums = self.new_sums(emb)
+        emb, cols = self.source(emb, q, sums, 0, 0, self.n_sublayers)
+        return q, sums, emb, cols
 
     def reopen_sources(self, sources: list[tuple[int, int, int, Tensor]], l: int):
         """Resume a forward at sublayer l (a pipeline cut): (effective queries, gradient sums or
         None, the sources, their logit columns). ``sources``: (id, first row, last row, tensor)
         per source; its columns are indexed by row - first row, as when it was written, but
         computed for rows l..last only (None below l: rows read on an earlier stage)."""
-        q, sums = self.effective_queries(), new_grad_sums()
+        q = self.effective_queries()
+        sums = self.new_sums(sources[0][3])
         values, logits = [], []
         for i, first, last, v in sources:
-            v = as_source(v, sums, i)
+            v, cols = self.source(v, q, sums, i, l, last)
             values.append(v)
-            logits.append((None,) * (l - first) + normed_logit_columns(v, q[l : last + 1], self.eps))
+            logits.append((None,) * (l - first) + cols)
         return q, sums, tuple(values), tuple(logits)

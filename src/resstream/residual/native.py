@@ -1,0 +1,254 @@
+"""Fused CPU kernels of the depth mixing: a small C file (native_kernels.c) built once per
+machine with the system C compiler and called through ctypes.
+
+Why: on a CPU the depth mixing is memory-bound, and eager PyTorch makes one pass over a
+[B, T, D] tensor per operator (a mixture of k sources: 3k - 1 passes; a dot product: a
+product tensor, then its sum). These kernels walk the tokens once, each token's rows in L1:
+a mixture of n sources for S queries reads every source once and writes every output once;
+the n x S dot products of a backward read every tensor once; Block's phase-2 merge is one
+pass forward and one backward. Building takes about a second (no PyTorch headers: plain C,
+OpenMP over tokens when the compiler has it), and the library is cached by content, compiler
+and CPU under ``$RESSTREAM_CACHE/kernels`` (default ~/.cache/resstream), so later processes
+only load it.
+
+Used for float32 contiguous CPU tensors when residual.compiled's mode allows (the default
+"auto" does on CPU); everything else (other dtypes, GPUs, tensor subclasses, no compiler)
+takes the other paths of attnres/fused.py. A build that fails says so in one line on stderr
+and the mixing runs eager. The build time is counted in ``compiled.compile_seconds()``.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from resstream.runtime import cache_root
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+_P = ctypes.c_void_p
+_L, _I, _F = ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "rs_mix": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _I],
+    "rs_phase1_backward": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _P, _I],
+    "rs_dots": [_L, _L, _I, _I, _P, _P, _P, _I],
+    "rs_merge_forward": [_L, _L, _P, _P, _P, _P, _F, _P, _P, _P, _P, _I],
+    "rs_merge_backward": [_L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
+    "rs_source_backward": [_L, _L, _I, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
+}
+SMALL = 1 << 15  # below this many floats touched, one thread (starting the team costs more)
+_lib: dict[str, object] = {}
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else cc, gcc or clang on the PATH (None: none found)."""
+    for c in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (a shared home folder may
+    serve machines with different CPUs)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _attempts(cc: str) -> list[list[str]]:
+    base = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    # OpenMP and -march=native where the compiler takes them, plain C where it does not
+    return [base + ["-march=native", "-fopenmp"], base + ["-fopenmp"], base + ["-march=native"], base]
+
+
+def _build(cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(source + version.encode() + _cpu_id().encode() + platform.machine().encode()).hexdigest()[:20]
+    folder = cache_root() / "kernels"
+    target = folder / f"mixing-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _attempts(cc):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=folder)
+        os.close(fd)
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
+            return target
+        os.unlink(tmp)
+        errors.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    raise RuntimeError(errors[-1])
+
+
+def library() -> tuple[object | None, float, str]:
+    """The loaded kernels (None where they cannot be built), the seconds this call spent building
+    them (0 once loaded), and why not (when None)."""
+    if "lib" in _lib:
+        return _lib["lib"], 0.0, _lib["why"]
+    t0, lib, why = time.perf_counter(), None, ""
+    cc = compiler()
+    if cc is None:
+        why = "no C compiler found (install gcc or set CC)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            for name, args in _SIGNATURES.items():
+                getattr(lib, name).argtypes = args
+                getattr(lib, name).restype = None
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+            lib, why = None, f"building the CPU mixing kernels with {cc} failed: {str(e).strip() or type(e).__name__}"
+    _lib.update(lib=lib, why=why)
+    return lib, time.perf_counter() - t0, why
+
+
+def eligible(*tensors: Tensor) -> bool:
+    """Whether these tensors can go to the kernels: plain float32 CPU tensors (the wrappers make
+    the rare non-contiguous one contiguous), outside an outer torch.compile (which traces the
+    eager formula instead)."""
+    for t in tensors:
+        if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
+            return False
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+    return not torch.compiler.is_compiling()
+
+
+def _threads(work: int) -> int:
+    return 1 if work < SMALL else torch.get_num_threads()
+
+
+def _c(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _ptrs(ts) -> tuple[ctypes.Array, list]:
+    """A C array of the tensors' data pointers (None: NULL), and the contiguous tensors it points
+    into (keep them alive for the call)."""
+    ts = [None if t is None else _c(t) for t in ts]
+    return (_P * len(ts))(*[None if t is None else t.data_ptr() for t in ts]), ts
+
+
+def _shape(v: Tensor) -> tuple[int, int]:
+    return v.numel() // v.shape[-1], v.shape[-1]
+
+
+def _column(w: Tensor) -> tuple[int, int, Tensor]:
+    """A per-token weight column w ([..., 1] or [...] over the tokens' dims) as (address, token
+    stride in elements, the tensor that holds it): token t's weight sits at address + 4 t stride."""
+    w = w[..., 0] if w.dim() > 1 and w.shape[-1] == 1 else w.reshape(-1) if w.dim() == 0 else w
+    step, expected = w.stride(-1), w.stride(-1)
+    for size, stride in zip(reversed(w.shape), reversed(w.stride())):
+        if size > 1 and stride != expected:  # token dims not evenly strided: copy (it is small)
+            w = w.contiguous()
+            step = 1
+            break
+        expected *= size
+    return w.data_ptr(), step, w
+
+
+def mix(lib, weights: list[list[Tensor]], values, accs=None, out=None) -> list[Tensor]:
+    """out_s = acc_s + sum_j weights[s][j] values[j] for every s: ``weights`` S lists of n per-token
+    columns (any float32 views, see _column), values n tensors [..., D]; ``accs``: None or S
+    tensors/None; ``out``: None (new tensors) or S tensors to write (may be the accs)."""
+    N, D = _shape(values[0])
+    S, n = len(weights), len(values)
+    cols = [_column(w) for row in weights for w in row]
+    wp = (_P * len(cols))(*[c[0] for c in cols])
+    ws = (_L * len(cols))(*[c[1] for c in cols])
+    outs = out if out is not None else [torch.empty(values[0].shape, dtype=torch.float32) for _ in range(S)]
+    (vp, vk), (op, _) = _ptrs(values), _ptrs(outs)
+    acc, ak = (None, None) if accs is None else _ptrs(accs)
+    lib.rs_mix(N, D, n, S, vp, wp, ws, acc, op, _threads(N * D * (n + S)))
+    return outs
+
+
+def rows(A: Tensor) -> list[list[Tensor]]:
+    """The weight columns of A [..., S, n] as mix() takes them."""
+    return [[A[..., s, j] for j in range(A.shape[-1])] for s in range(A.shape[-2])]
+
+
+def phase1_backward(lib, A: Tensor, grads, blocks, accs):
+    """Block's phase-1 backward in one pass: gA [..., S, n] (<g_s, b_j>) and every block's
+    gradient acc_j + sum_s A[..., s, j] g_s (written into acc_j where given)."""
+    N, D = _shape(blocks[0])
+    A = _c(A.to(torch.float32))
+    gA = torch.empty_like(A)
+    gbs = [a if a is not None else torch.empty(blocks[0].shape, dtype=torch.float32) for a in accs]
+    (bp, bk), (gp, gk), (ap, ak), (op, _) = _ptrs(blocks), _ptrs(grads), _ptrs(accs), _ptrs(gbs)
+    lib.rs_phase1_backward(N, D, len(blocks), len(grads), bp, gp, A.data_ptr(), gA.data_ptr(), ap, op,
+                           _threads(N * D * (2 * len(blocks) + len(grads))))
+    return gA, gbs
+
+
+def dots(lib, grads, values) -> Tensor:
+    """<grads[s], values[j]> per token: [..., S, n] float32."""
+    N, D = _shape(values[0])
+    out = torch.empty(*values[0].shape[:-1], len(grads), len(values), dtype=torch.float32)
+    (vp, vk), (gp, gk) = _ptrs(values), _ptrs(grads)
+    lib.rs_dots(N, D, len(values), len(grads), vp, gp, out.data_ptr(), _threads(N * D * (len(values) + len(grads))))
+    return out
+
+
+def merge_forward(lib, o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float):
+    N, D = _shape(p)
+    o, p, q, lse = _c(o), _c(p), _c(q), _c(lse)
+    x = torch.empty_like(o)
+    r, s, gate = (torch.empty(p.shape[:-1], dtype=torch.float32) for _ in range(3))
+    lib.rs_merge_forward(N, D, o.data_ptr(), p.data_ptr(), q.data_ptr(), lse.data_ptr(), eps, x.data_ptr(),
+                         r.data_ptr(), s.data_ptr(), gate.data_ptr(), _threads(3 * N * D))
+    return x, r, s, gate
+
+
+def merge_backward(lib, gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, s: Tensor, gate: Tensor):
+    """(go, gp, dz, gq) of Block's phase-2 merge (see rs_merge_backward)."""
+    N, D = _shape(p)
+    gx, p, x, q, r, s, gate = (_c(t) for t in (gx, p, x, q, r, s, gate))
+    go, gp = torch.empty_like(gx), torch.empty_like(p)
+    dz = torch.empty(p.shape[:-1], dtype=torch.float32)
+    nt = _threads(5 * N * D)
+    parts = torch.zeros(nt, D, dtype=torch.float32)
+    lib.rs_merge_backward(N, D, gx.data_ptr(), p.data_ptr(), x.data_ptr(), q.data_ptr(), r.data_ptr(), s.data_ptr(),
+                          gate.data_ptr(), go.data_ptr(), gp.data_ptr(), dz.data_ptr(), parts.data_ptr(), nt)
+    return go, gp, dz, parts.sum(0)
+
+
+def say(message: str) -> None:
+    print(f"resstream: {message}", file=sys.stderr)
+
+
+def source_backward(lib, v: Tensor, r: Tensor, c: Tensor, cols: list[int], readers: list[tuple], q: Tensor,
+                    direct: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Full AttnRes: source v's whole gradient from its readers (see rs_source_backward):
+    ``readers`` (weight column, g, <g, x>, query row) each; c [..., C] v's logits, ``cols`` the
+    column of each reader's row; q the effective queries [rows, D]. Returns (gv, dz [..., M])."""
+    N, D = _shape(v)
+    M = len(readers)
+    v, r, c, q = _c(v), _c(r), _c(c), _c(q)
+    direct = None if direct is None else _c(direct)
+    weights = [_column(a) for a, _, _, _ in readers]
+    gp, gk = _ptrs([g for _, g, _, _ in readers])
+    xp, xk = _ptrs([gx for _, _, gx, _ in readers])
+    qp = (_P * M)(*[q.data_ptr() + 4 * row * q.stride(0) for _, _, _, row in readers])
+    gv = torch.empty(v.shape, dtype=torch.float32)
+    dz = torch.empty(*v.shape[:-1], M, dtype=torch.float32)
+    lib.rs_source_backward(N, D, M, v.data_ptr(), r.data_ptr(), c.data_ptr(), c.shape[-1], (_I * M)(*cols), gp,
+                           (_P * M)(*[w[0] for w in weights]), (_L * M)(*[w[1] for w in weights]), xp, qp,
+                           None if direct is None else direct.data_ptr(), gv.data_ptr(), dz.data_ptr(),
+                           _threads(N * D * (M + 2)))
+    return gv, dz

@@ -1,0 +1,243 @@
+/* Fused CPU kernels of the depth mixing (float32), built and loaded by residual/native.py.
+ *
+ * Every tensor is a row-major [N, D] block of N tokens (or [N, ...] per-token statistics). On
+ * a CPU the mixing is memory-bound: what it costs is how often each [N, D] tensor is read or
+ * written. Each kernel here walks the tokens once, keeping the token's rows (D floats) in L1
+ * while it combines them, so a mixture of n sources for S queries reads each source once and
+ * writes each output once, where eager PyTorch makes one full pass per operator.
+ * Tokens are split between threads (static schedule: results do not depend on timing).
+ */
+#include <math.h>
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define TOKENS_PARALLEL _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
+
+/* Tokens go in tiles of about 16 KiB per tensor: within a tile, one source at a time is read as
+ * one contiguous run (a few streams for the hardware prefetcher, not one per source), while the
+ * tile's outputs stay in L1/L2. */
+static long tile_tokens(long D)
+{
+    long t = 4096 / (D > 0 ? D : 1);
+    return t < 1 ? 1 : t;
+}
+
+#define TILES_PARALLEL _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
+
+/* out[s][t] = acc[s][t] (when acc and acc[s] are given) + sum_j w[s*n + j][t * ws[s*n + j]] v[j][t],
+ * s < S: each weight is a column of some per-token tensor, given by its pointer and token stride.
+ * out[s] may be acc[s] (in place). */
+void rs_mix(long N, long D, int n, int S, const float **v, const float **w, const long *ws, const float **acc,
+            float **out, int nt)
+{
+    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
+    TILES_PARALLEL
+    for (long k = 0; k < tiles; k++) {
+        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+        for (int s = 0; s < S; s++) {
+            const float **wr = w + (long)s * n;
+            const long *wsr = ws + (long)s * n;
+            const float *a = (acc && acc[s]) ? acc[s] : NULL;
+            for (int j = 0; j < n; j++) {
+                const float *vj = v[j];
+                for (long t = t0; t < t1; t++) {
+                    float *o = out[s] + t * D;
+                    const float *vt = vj + t * D;
+                    const float c = wr[j][t * wsr[j]];
+                    if (j > 0) {
+                        _Pragma("omp simd")
+                        for (long d = 0; d < D; d++) o[d] += c * vt[d];
+                    } else if (a) {
+                        const float *at = a + t * D;
+                        _Pragma("omp simd")
+                        for (long d = 0; d < D; d++) o[d] = at[d] + c * vt[d];
+                    } else {
+                        _Pragma("omp simd")
+                        for (long d = 0; d < D; d++) o[d] = c * vt[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Block AttnRes phase 1, backward, for one block's S queries over n completed blocks b_j (see
+ * attnres/phases.py), one pass: gA[t, s, j] = <g[s][t], b[j][t]> and
+ * gb[j][t] = acc[j][t] (if given) + sum_s A[t, s, j] g[s][t]; A, gA contiguous [N, S, n]; gb[j]
+ * may be acc[j] (in place). */
+void rs_phase1_backward(long N, long D, int n, int S, const float **b, const float **g, const float *A,
+                        float *gA, const float **acc, float **gb, int nt)
+{
+    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
+    TILES_PARALLEL
+    for (long k = 0; k < tiles; k++) {
+        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+        for (int j = 0; j < n; j++) {
+            for (int s = 0; s < S; s++) {
+                for (long t = t0; t < t1; t++) {
+                    const float *bj = b[j] + t * D, *gs = g[s] + t * D;
+                    float *o = gb[j] + t * D;
+                    const float c = A[(t * S + s) * n + j];
+                    float dot = 0.0f;
+                    _Pragma("omp simd reduction(+:dot)")
+                    for (long d = 0; d < D; d++) dot += gs[d] * bj[d];
+                    gA[(t * S + s) * n + j] = dot;
+                    if (s > 0) {
+                        _Pragma("omp simd")
+                        for (long d = 0; d < D; d++) o[d] += c * gs[d];
+                    } else if (acc && acc[j]) {
+                        const float *at = acc[j] + t * D;
+                        _Pragma("omp simd")
+                        for (long d = 0; d < D; d++) o[d] = at[d] + c * gs[d];
+                    } else {
+                        _Pragma("omp simd")
+                        for (long d = 0; d < D; d++) o[d] = c * gs[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* out[t, s, j] = <g[s][t], v[j][t]> for s < S, j < n. out: contiguous [N, S, n]. */
+void rs_dots(long N, long D, int n, int S, const float **v, const float **g, float *out, int nt)
+{
+    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
+    TILES_PARALLEL
+    for (long k = 0; k < tiles; k++) {
+        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+        for (int j = 0; j < n; j++) {
+            for (int s = 0; s < S; s++) {
+                for (long t = t0; t < t1; t++) {
+                    const float *gs = g[s] + t * D, *vj = v[j] + t * D;
+                    float acc = 0.0f;
+                    _Pragma("omp simd reduction(+:acc)")
+                    for (long d = 0; d < D; d++) acc += gs[d] * vj[d];
+                    out[(t * S + s) * n + j] = acc;
+                }
+            }
+        }
+    }
+}
+
+/* Block AttnRes phase-2 merge, forward (see attnres/phases.py):
+ * r = 1/RMS(p), s = r <q, p>, gate = sigmoid(s - lse), x = o + gate (p - o). */
+void rs_merge_forward(long N, long D, const float *o, const float *p, const float *q, const float *lse,
+                      float eps, float *x, float *r, float *s, float *gate, int nt)
+{
+    TOKENS_PARALLEL
+    for (long t = 0; t < N; t++) {
+        const float *pt = p + t * D, *ot = o + t * D;
+        float ss = 0.0f, dq = 0.0f;
+        _Pragma("omp simd reduction(+:ss, dq)")
+        for (long d = 0; d < D; d++) {
+            ss += pt[d] * pt[d];
+            dq += pt[d] * q[d];
+        }
+        const float rt = 1.0f / sqrtf(ss / (float)D + eps);
+        const float st = dq * rt;
+        const float g = 1.0f / (1.0f + expf(-(st - lse[t])));
+        float *xt = x + t * D;
+        for (long d = 0; d < D; d++) xt[d] = ot[d] + g * (pt[d] - ot[d]);
+        r[t] = rt;
+        s[t] = st;
+        gate[t] = g;
+    }
+}
+
+/* Its backward: dz = gate <gx, p - x>, go = gx (1 - gate),
+ * gp = gate gx + dz r q - dz r^2 s / D p, and dq = sum_t dz r p: thread k of nt adds its tokens'
+ * share into gq_parts[k * D ..] (zeroed by the caller, summed by it in a fixed order, so that
+ * results do not depend on timing). */
+void rs_merge_backward(long N, long D, const float *restrict gx, const float *restrict p, const float *restrict x,
+                       const float *restrict q, const float *restrict r, const float *restrict s,
+                       const float *restrict gate, float *restrict go, float *restrict gp, float *restrict dz,
+                       float *restrict gq_parts, int nt)
+{
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        int k = 0, nk = 1;
+#ifdef _OPENMP
+        k = omp_get_thread_num();
+        nk = omp_get_num_threads();
+#endif
+        float *restrict gq = gq_parts + (long)k * D;
+        long chunk = (N + nk - 1) / nk, t0 = k * chunk, t1 = t0 + chunk < N ? t0 + chunk : N;
+        for (long t = t0; t < t1; t++) {
+            const float *restrict gt = gx + t * D, *restrict pt = p + t * D, *restrict xt = x + t * D;
+            float acc = 0.0f;
+            _Pragma("omp simd reduction(+:acc)")
+            for (long d = 0; d < D; d++) acc += gt[d] * (pt[d] - xt[d]);
+            const float g = gate[t], z = g * acc;
+            const float cq = z * r[t], cp = z * r[t] * r[t] * s[t] / (float)D;
+            float *restrict got = go + t * D, *restrict gpt = gp + t * D;
+            _Pragma("omp simd")
+            for (long d = 0; d < D; d++) {
+                gpt[d] = gt[d] * g + cq * q[d] - cp * pt[d];
+                got[d] = gt[d] - gt[d] * g;
+                gq[d] += cq * pt[d];
+            }
+            dz[t] = z;
+        }
+    }
+}
+
+/* Full AttnRes / depth_swa: the whole gradient of one source v (see attnres/source_grad.py), once
+ * every reader of it has run its backward. Reader m (a mixture x_m = sum_i alpha_m,i v_i read by
+ * query row q_m, with output gradient g_m) gave a[m] (its weight column for v, token stride
+ * as[m]), g[m] and gx[m][t] = <g_m, x_m>; c[t * C + col[m]] is v's logit for that row and
+ * r[t] = 1/RMS(v). Per token:
+ *   dz_m = a_m (<g_m, v> - gx_m)                       (softmax backward, the logit's gradient)
+ *   gv   = direct + sum_m a_m g_m                      (the value path)
+ *        + r sum_m dz_m q_m - (r^2 / D)(sum_m dz_m c_m) v   (the normalised-key path)
+ * Writes gv [N, D] and dz [N, M] (the caller forms the queries' gradient from dz, r and v). */
+void rs_source_backward(long N, long D, int M, const float *v, const float *r, const float *c, long C,
+                        const int *col, const float **g, const float **a, const long *as, const float **gx,
+                        const float **q, const float *direct, float *gv, float *dz, int nt)
+{
+    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
+    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
+    for (long k = 0; k < tiles; k++) {
+        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+        for (long t = t0; t < t1; t++) {  /* the value path starts from the direct gradient */
+            float *restrict o = gv + t * D;
+            const float *restrict dt = direct ? direct + t * D : NULL;
+            if (dt) {
+                for (long d = 0; d < D; d++) o[d] = dt[d];
+            } else {
+                for (long d = 0; d < D; d++) o[d] = 0.0f;
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            const float *restrict gm = g[m];
+            for (long t = t0; t < t1; t++) {
+                const float *restrict gt = gm + t * D, *restrict vt = v + t * D;
+                float *restrict o = gv + t * D;
+                float dot = 0.0f;
+                _Pragma("omp simd reduction(+:dot)")
+                for (long d = 0; d < D; d++) dot += gt[d] * vt[d];
+                const float am = a[m][t * as[m]];
+                dz[t * M + m] = am * (dot - gx[m][t]);
+                _Pragma("omp simd")
+                for (long d = 0; d < D; d++) o[d] += am * gt[d];
+            }
+        }
+        for (long t = t0; t < t1; t++) {  /* the key path: r sum_m dz_m q_m - (r^2/D)(sum_m dz_m c_m) v */
+            const float *restrict zt = dz + t * M, *restrict ct = c + t * C, *restrict vt = v + t * D;
+            float *restrict o = gv + t * D;
+            float sdc = 0.0f;
+            for (int m = 0; m < M; m++) sdc += zt[m] * ct[col[m]];
+            const float rt = r[t], coef = rt * rt * sdc / (float)D;
+            _Pragma("omp simd")
+            for (long d = 0; d < D; d++) o[d] -= coef * vt[d];
+            for (int m = 0; m < M; m++) {
+                const float w = rt * zt[m];
+                const float *restrict qm = q[m];
+                _Pragma("omp simd")
+                for (long d = 0; d < D; d++) o[d] += w * qm[d];
+            }
+        }
+    }
+}
