@@ -5,8 +5,9 @@ Used by ``step_time.py``, ``mfu.py`` and ``mixing_cost.py``. Run as a script onl
 memory child (``harness.py --memory-child JSON``), which the parent starts itself.
 
 Paths (the ``path`` column): ``default`` is what ``LM(cfg)`` does with no setting (the depth
-mixing compiled where resstream.residual.compiled's "auto" mode compiles it: on CUDA; eager
-on CPU); ``eager`` and ``mixing`` force the eager or the compiled depth mixing; ``compiled``
+mixing in resstream.residual.compiled's "auto" mode: the native C kernels on a CPU, compiled
+kernels on CUDA, eager where neither builds); ``eager``, ``native`` and ``inductor`` force the
+eager mixing, the native kernels, or the torch.compile mixing kernels; ``compiled``
 is the whole model under torch.compile (``train.compile=true``). The variant ``gpt`` is the
 plain nanoGPT-style PreNorm GPT of reference_gpt.py, the floor.
 
@@ -51,8 +52,8 @@ from resstream.residual.config import split_specs  # noqa: E402
 from resstream.runtime import tune_allocator  # noqa: E402,F401
 
 REFERENCE = "gpt"  # the nanoGPT-style floor
-PATHS = ("default", "eager", "mixing", "compiled")
-MIXING_MODE = {"default": None, "eager": "off", "mixing": "on", "compiled": "off"}
+PATHS = ("default", "eager", "native", "inductor", "compiled")
+MIXING_MODE = {"default": None, "eager": "off", "native": "on", "inductor": "inductor", "compiled": "off"}
 
 
 @dataclass
@@ -90,10 +91,13 @@ class Variant:
 
     def path_name(self, device: torch.device) -> str:
         """The path as run: for a kind that mixes depth, 'default' says what it resolved to."""
-        if self.path != "default" or self.kind == REFERENCE or not get_kind(self.kind).stream.mixes_depth:
+        if self.path != "default" or self.kind == REFERENCE or not get_kind(self.kind).stream.fused_kernels:
             return self.path
         mode = compiled.get_mode()
-        return f"default ({'compiled' if mode == 'on' or (mode == 'auto' and device.type == 'cuda') else 'eager'} mixing)"
+        if mode == "inductor" or (mode in ("auto", "on") and device.type == "cuda"):
+            return "default (compiled mixing)"
+        native_ok = mode in ("auto", "on") and device.type == "cpu" and compiled.native.library()[0] is not None
+        return f"default ({'native' if native_ok else 'eager'} mixing)"
 
 
 def residual_fields() -> list[dataclasses.Field]:
@@ -108,7 +112,7 @@ def residual_fields() -> list[dataclasses.Field]:
 def parse_variants(spec: str, common: dict[str, Any], paths: tuple[str, ...] = ("default",)) -> list[Variant]:
     """'prenorm,block_attnres:block_size=8' -> Variants on each of ``paths`` (the residual-spec grammar
     of resstream.residual.config; ``gpt`` is the reference floor). ``common`` options apply to every
-    variant whose kind has them. Paths that change nothing for a kind (mixing for PreNorm) are run once."""
+    variant whose kind has them. Paths that change nothing for a kind (native for PreNorm) are run once."""
     out = []
     for item in split_specs(spec):
         if item.strip() == REFERENCE:
@@ -121,7 +125,7 @@ def parse_variants(spec: str, common: dict[str, Any], paths: tuple[str, ...] = (
         kind = own.pop("kind")
         options = get_kind(kind).option_defaults()
         opts = {**{k: v for k, v in common.items() if k in options}, **own}
-        mixes = get_kind(kind).stream.mixes_depth
+        mixes = get_kind(kind).stream.fused_kernels
         kind_paths = dict.fromkeys(p if mixes or p == "compiled" else "default" for p in paths)
         out += [Variant(kind, opts, own, p) for p in kind_paths]
     return out

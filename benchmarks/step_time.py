@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/step_time.py              # as a user runs it: torch's threads, wall clock, default path
     .venv/bin/python benchmarks/step_time.py --sizes      # the trend at d_model 256, 512 and 1024
-    .venv/bin/python benchmarks/step_time.py --paths default,mixing,compiled   # also the compiled mixing / whole model
+    .venv/bin/python benchmarks/step_time.py --paths default,eager,compiled   # also the eager mixing / the whole model compiled
     .venv/bin/python benchmarks/step_time.py --residuals prenorm,block_attnres:block_size=8,recompute=true --json out.json
 
 Times forward + backward + AdamW step of each variant (interleaved rounds, warm-up discarded,

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# Child processes (CLI, torchrun) too: see _eager_mixing.
-os.environ["RESSTREAM_COMPILE_MIXING"] = "off"
+# Child processes (CLI, torchrun) too: see _default_mixing.
+os.environ["RESSTREAM_COMPILE_MIXING"] = "auto"
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +24,15 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _eager_mixing():
-    """The suite runs the eager depth mixing: compiling kernels for every tiny test shape would
-    cost minutes. The compiled path has its own tests (tests/residual/test_compiled.py)."""
+def _default_mixing():
+    """The suite runs the default depth mixing: on a CPU the native kernels (residual/native.py,
+    built once in about a second), eager where they cannot be built. The eager path
+    (tests/residual/test_native.py) and the torch.compile kernels (test_compiled.py, compiling
+    them for every tiny test shape would cost minutes) have their own tests."""
     from resstream.residual import compiled
 
     mode = compiled.get_mode()
-    compiled.set_mode("off")
+    compiled.set_mode("auto")
     yield
     compiled.set_mode(mode)
 

@@ -36,7 +36,7 @@ def test_step_time_runs(capsys, monkeypatch):
                                       "--residuals", "gpt,prenorm,block_attnres", "--paths", "default,eager"])
     ST.main()
     out = capsys.readouterr().out
-    assert "machine:" in out and "gpt (nanoGPT-style floor)" in out and "default (eager mixing)" in out
+    assert "machine:" in out and "gpt (nanoGPT-style floor)" in out and "default (native mixing)" in out and "| eager |" in out
     assert "| block_attnres | eager |" in out and "block_attnres: " in out and "target <= 1.05" in out
 
 

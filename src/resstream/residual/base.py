@@ -94,6 +94,8 @@ class ResidualStream(nn.Module):
     free, possibly negative coefficients.
     ``supports_recompute``: the kind has the ``recompute`` option (inputs recomputed in backward).
     ``mixes_positions``: the residual reads other positions (a KV cache alone cannot decode it).
+    ``fused_kernels``: training runs fused kernels (native CPU or compiled, residual/compiled.py)
+    where they build, eager PyTorch otherwise: RESSTREAM_COMPILE_MIXING chooses.
     ``source_legend``: the naming scheme of ``source_names``, pattern -> meaning, for plots.
     """
 
@@ -104,6 +106,7 @@ class ResidualStream(nn.Module):
     weights_sum_to_one: ClassVar[bool] = True
     supports_recompute: ClassVar[bool] = False
     mixes_positions: ClassVar[bool] = False
+    fused_kernels: ClassVar[bool] = False
     source_legend: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Any, n_sublayers: int, d_model: int) -> None:

@@ -43,6 +43,12 @@ _SIGNATURES = {
     "rs_dots": [_L, _L, _I, _I, _P, _P, _P, _I],
     "rs_merge_forward": [_L, _L, _P, _P, _P, _P, _F, _P, _P, _P, _P, _I],
     "rs_merge_backward": [_L, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
+    "rs_streams_read": [_L, _L, _I, _P, _L, _P, _P, _I],
+    "rs_streams_write": [_L, _L, _I, _P, _L, _P, _L, _P, _P, _P, _I],
+    "rs_streams_write_backward": [_L, _L, _I, _P, _L, _P, _L, _P, _P, _P, _P, _P, _P, _P, _I],
+    "rs_streams_read_backward": [_L, _L, _I, _P, _L, _P, _P, _P, _P, _P, _I],
+    "rs_sinkhorn": [_L, _I, _I, _P, _P, _I],
+    "rs_sinkhorn_backward": [_L, _I, _I, _P, _P, _P, _I],
     "rs_source_backward": [_L, _L, _I, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
 }
 SMALL = 1 << 15  # below this many floats touched, one thread (starting the team costs more)
@@ -122,25 +128,25 @@ def eligible(*tensors: Tensor) -> bool:
     the rare non-contiguous one contiguous), outside an outer torch.compile (which traces the
     eager formula instead)."""
     for t in tensors:
-        if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter):
+        if type(t) not in (Tensor, torch.nn.Parameter):  # no subclasses (DTensor parameters included)
             return False
         if t.device.type != "cpu" or t.dtype != torch.float32:
             return False
     return not torch.compiler.is_compiling()
 
 
-def _threads(work: int) -> int:
+def threads(work: int) -> int:
     return 1 if work < SMALL else torch.get_num_threads()
 
 
-def _c(t: Tensor) -> Tensor:
+def contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
 def _ptrs(ts) -> tuple[ctypes.Array, list]:
     """A C array of the tensors' data pointers (None: NULL), and the contiguous tensors it points
     into (keep them alive for the call)."""
-    ts = [None if t is None else _c(t) for t in ts]
+    ts = [None if t is None else contiguous(t) for t in ts]
     return (_P * len(ts))(*[None if t is None else t.data_ptr() for t in ts]), ts
 
 
@@ -174,7 +180,7 @@ def mix(lib, weights: list[list[Tensor]], values, accs=None, out=None) -> list[T
     outs = out if out is not None else [torch.empty(values[0].shape, dtype=torch.float32) for _ in range(S)]
     (vp, vk), (op, _) = _ptrs(values), _ptrs(outs)
     acc, ak = (None, None) if accs is None else _ptrs(accs)
-    lib.rs_mix(N, D, n, S, vp, wp, ws, acc, op, _threads(N * D * (n + S)))
+    lib.rs_mix(N, D, n, S, vp, wp, ws, acc, op, threads(N * D * (n + S)))
     return outs
 
 
@@ -187,12 +193,12 @@ def phase1_backward(lib, A: Tensor, grads, blocks, accs):
     """Block's phase-1 backward in one pass: gA [..., S, n] (<g_s, b_j>) and every block's
     gradient acc_j + sum_s A[..., s, j] g_s (written into acc_j where given)."""
     N, D = _shape(blocks[0])
-    A = _c(A.to(torch.float32))
+    A = contiguous(A.to(torch.float32))
     gA = torch.empty_like(A)
     gbs = [a if a is not None else torch.empty(blocks[0].shape, dtype=torch.float32) for a in accs]
     (bp, bk), (gp, gk), (ap, ak), (op, _) = _ptrs(blocks), _ptrs(grads), _ptrs(accs), _ptrs(gbs)
     lib.rs_phase1_backward(N, D, len(blocks), len(grads), bp, gp, A.data_ptr(), gA.data_ptr(), ap, op,
-                           _threads(N * D * (2 * len(blocks) + len(grads))))
+                           threads(N * D * (2 * len(blocks) + len(grads))))
     return gA, gbs
 
 
@@ -201,27 +207,27 @@ def dots(lib, grads, values) -> Tensor:
     N, D = _shape(values[0])
     out = torch.empty(*values[0].shape[:-1], len(grads), len(values), dtype=torch.float32)
     (vp, vk), (gp, gk) = _ptrs(values), _ptrs(grads)
-    lib.rs_dots(N, D, len(values), len(grads), vp, gp, out.data_ptr(), _threads(N * D * (len(values) + len(grads))))
+    lib.rs_dots(N, D, len(values), len(grads), vp, gp, out.data_ptr(), threads(N * D * (len(values) + len(grads))))
     return out
 
 
 def merge_forward(lib, o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float):
     N, D = _shape(p)
-    o, p, q, lse = _c(o), _c(p), _c(q), _c(lse)
+    o, p, q, lse = contiguous(o), contiguous(p), contiguous(q), contiguous(lse)
     x = torch.empty_like(o)
     r, s, gate = (torch.empty(p.shape[:-1], dtype=torch.float32) for _ in range(3))
     lib.rs_merge_forward(N, D, o.data_ptr(), p.data_ptr(), q.data_ptr(), lse.data_ptr(), eps, x.data_ptr(),
-                         r.data_ptr(), s.data_ptr(), gate.data_ptr(), _threads(3 * N * D))
+                         r.data_ptr(), s.data_ptr(), gate.data_ptr(), threads(3 * N * D))
     return x, r, s, gate
 
 
 def merge_backward(lib, gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, s: Tensor, gate: Tensor):
     """(go, gp, dz, gq) of Block's phase-2 merge (see rs_merge_backward)."""
     N, D = _shape(p)
-    gx, p, x, q, r, s, gate = (_c(t) for t in (gx, p, x, q, r, s, gate))
+    gx, p, x, q, r, s, gate = (contiguous(t) for t in (gx, p, x, q, r, s, gate))
     go, gp = torch.empty_like(gx), torch.empty_like(p)
     dz = torch.empty(p.shape[:-1], dtype=torch.float32)
-    nt = _threads(5 * N * D)
+    nt = threads(5 * N * D)
     parts = torch.zeros(nt, D, dtype=torch.float32)
     lib.rs_merge_backward(N, D, gx.data_ptr(), p.data_ptr(), x.data_ptr(), q.data_ptr(), r.data_ptr(), s.data_ptr(),
                           gate.data_ptr(), go.data_ptr(), gp.data_ptr(), dz.data_ptr(), parts.data_ptr(), nt)
@@ -239,8 +245,8 @@ def source_backward(lib, v: Tensor, r: Tensor, c: Tensor, cols: list[int], reade
     column of each reader's row; q the effective queries [rows, D]. Returns (gv, dz [..., M])."""
     N, D = _shape(v)
     M = len(readers)
-    v, r, c, q = _c(v), _c(r), _c(c), _c(q)
-    direct = None if direct is None else _c(direct)
+    v, r, c, q = contiguous(v), contiguous(r), contiguous(c), contiguous(q)
+    direct = None if direct is None else contiguous(direct)
     weights = [_column(a) for a, _, _, _ in readers]
     gp, gk = _ptrs([g for _, g, _, _ in readers])
     xp, xk = _ptrs([gx for _, _, gx, _ in readers])
@@ -250,5 +256,6 @@ def source_backward(lib, v: Tensor, r: Tensor, c: Tensor, cols: list[int], reade
     lib.rs_source_backward(N, D, M, v.data_ptr(), r.data_ptr(), c.data_ptr(), c.shape[-1], (_I * M)(*cols), gp,
                            (_P * M)(*[w[0] for w in weights]), (_L * M)(*[w[1] for w in weights]), xp, qp,
                            None if direct is None else direct.data_ptr(), gv.data_ptr(), dz.data_ptr(),
-                           _threads(N * D * (M + 2)))
+                           threads(N * D * (M + 2)))
     return gv, dz
+

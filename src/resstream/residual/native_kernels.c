@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -239,5 +240,195 @@ void rs_source_backward(long N, long D, int M, const float *v, const float *r, c
                 for (long d = 0; d < D; d++) o[d] += w * qm[d];
             }
         }
+    }
+}
+
+/* Hyper-connection streams (hyper/streams.py), per token: H [n, D] rows, coefficient blocks given
+ * by pointer and token stride (a static coefficient has stride 0), row-major within a token.
+ * Read:  x = sum_j c0_j h_j.     Write: h'_i = sum_j res_ij h_j + post_i y. */
+void rs_streams_read(long N, long D, int n, const float *c0, long c0s, const float *H, float *x, int nt)
+{
+    TOKENS_PARALLEL
+    for (long t = 0; t < N; t++) {
+        const float *c = c0 + t * c0s, *h = H + t * n * D;
+        float *restrict o = x + t * D;
+        for (long d = 0; d < D; d++) o[d] = c[0] * h[d];
+        for (int j = 1; j < n; j++) {
+            const float cj = c[j], *restrict hj = h + j * D;
+            _Pragma("omp simd")
+            for (long d = 0; d < D; d++) o[d] += cj * hj[d];
+        }
+    }
+}
+
+void rs_streams_write(long N, long D, int n, const float *res, long ress, const float *post, long posts,
+                      const float *H, const float *y, float *Hout, int nt)
+{
+    TOKENS_PARALLEL
+    for (long t = 0; t < N; t++) {
+        const float *R = res + t * ress, *p = post + t * posts, *h = H + t * n * D, *restrict yt = y + t * D;
+        for (int i = 0; i < n; i++) {
+            float *restrict o = Hout + (t * n + i) * D;
+            const float pi = p[i];
+            _Pragma("omp simd")
+            for (long d = 0; d < D; d++) o[d] = pi * yt[d];
+            for (int j = 0; j < n; j++) {
+                const float rij = R[i * n + j], *restrict hj = h + j * D;
+                _Pragma("omp simd")
+                for (long d = 0; d < D; d++) o[d] += rij * hj[d];
+            }
+        }
+    }
+}
+
+/* Write's backward: gres_ij = <g_i, h_j>, gpost_i = <g_i, y>, gH_j = sum_i res_ij g_i,
+ * gy = sum_i post_i g_i (g = dL/dH', gres [N, n, n], gpost [N, n] contiguous). */
+void rs_streams_write_backward(long N, long D, int n, const float *res, long ress, const float *post, long posts,
+                               const float *H, const float *y, const float *G, float *gres, float *gpost,
+                               float *gH, float *gy, int nt)
+{
+    TOKENS_PARALLEL
+    for (long t = 0; t < N; t++) {
+        const float *R = res + t * ress, *p = post + t * posts, *h = H + t * n * D, *g = G + t * n * D;
+        const float *restrict yt = y + t * D;
+        float *restrict gyt = gy + t * D;
+        for (long d = 0; d < D; d++) gyt[d] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            float *restrict o = gH + (t * n + j) * D;
+            for (long d = 0; d < D; d++) o[d] = 0.0f;
+        }
+        for (int i = 0; i < n; i++) {
+            const float *restrict gi = g + i * D;
+            float dp = 0.0f;
+            _Pragma("omp simd reduction(+:dp)")
+            for (long d = 0; d < D; d++) dp += gi[d] * yt[d];
+            gpost[t * n + i] = dp;
+            const float pi = p[i];
+            _Pragma("omp simd")
+            for (long d = 0; d < D; d++) gyt[d] += pi * gi[d];
+            for (int j = 0; j < n; j++) {
+                const float *restrict hj = h + j * D;
+                float *restrict o = gH + (t * n + j) * D;
+                const float rij = R[i * n + j];
+                float dr = 0.0f;
+                _Pragma("omp simd reduction(+:dr)")
+                for (long d = 0; d < D; d++) {
+                    dr += gi[d] * hj[d];
+                    o[d] += rij * gi[d];
+                }
+                gres[(t * n + i) * n + j] = dr;
+            }
+        }
+    }
+}
+
+/* Read's backward: gc0_j = <gx, h_j>; gH_j = acc_j (if acc) + c0_j gx (gH may be acc: in place). */
+void rs_streams_read_backward(long N, long D, int n, const float *c0, long c0s, const float *H, const float *gx,
+                              const float *acc, float *gc0, float *gH, int nt)
+{
+    TOKENS_PARALLEL
+    for (long t = 0; t < N; t++) {
+        const float *c = c0 + t * c0s, *h = H + t * n * D;
+        const float *restrict g = gx + t * D;
+        for (int j = 0; j < n; j++) {
+            const float *restrict hj = h + j * D;
+            const float *a = acc ? acc + (t * n + j) * D : NULL;
+            float *o = gH + (t * n + j) * D;
+            const float cj = c[j];
+            float dc = 0.0f;
+            _Pragma("omp simd reduction(+:dc)")
+            for (long d = 0; d < D; d++) dc += g[d] * hj[d];
+            gc0[t * n + j] = dc;
+            if (a) {
+                for (long d = 0; d < D; d++) o[d] = a[d] + cj * g[d];
+            } else {
+                for (long d = 0; d < D; d++) o[d] = cj * g[d];
+            }
+        }
+    }
+}
+
+/* mHC's Sinkhorn-Knopp (hyper/sinkhorn.py) per token on z [N, n, n] (row i, column j): m = exp(z -
+ * column max), then iters times divide by the column sums, then by the row sums. The backward
+ * recomputes the forward's steps per token (scratch of 2 iters n^2 floats per thread) and walks
+ * them back: for o = m / s with s = sum over the axis of m, dm = (g - sum_axis(g o)) / s. */
+static void sk_steps(int n, int iters, const float *z, float *m0, float *steps, float *sums)
+{
+    for (int j = 0; j < n; j++) {
+        float mx = z[j];
+        for (int i = 1; i < n; i++) mx = z[i * n + j] > mx ? z[i * n + j] : mx;
+        for (int i = 0; i < n; i++) m0[i * n + j] = expf(z[i * n + j] - mx);
+    }
+    const float *m = m0;
+    for (int k = 0; k < 2 * iters; k++) {
+        float *o = steps + (long)k * n * n, *s = sums + (long)k * n;
+        const int cols = (k % 2 == 0);
+        for (int a = 0; a < n; a++) {
+            float acc = 0.0f;
+            for (int b = 0; b < n; b++) acc += cols ? m[b * n + a] : m[a * n + b];
+            s[a] = acc;
+        }
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) o[i * n + j] = m[i * n + j] / s[cols ? j : i];
+        m = o;
+    }
+}
+
+void rs_sinkhorn(long N, int n, int iters, const float *z, float *out, int nt)
+{
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        float *scratch = (float *)malloc(sizeof(float) * ((size_t)2 * n * n + (size_t)2 * n));
+        _Pragma("omp for schedule(static)")
+        for (long t = 0; t < N; t++) {
+            float *m = scratch, *s = scratch + n * n, *o = out + t * n * n;
+            const float *zt = z + t * n * n;
+            for (int j = 0; j < n; j++) {
+                float mx = zt[j];
+                for (int i = 1; i < n; i++) mx = zt[i * n + j] > mx ? zt[i * n + j] : mx;
+                for (int i = 0; i < n; i++) m[i * n + j] = expf(zt[i * n + j] - mx);
+            }
+            for (int k = 0; k < 2 * iters; k++) {
+                const int cols = (k % 2 == 0);
+                for (int a = 0; a < n; a++) {
+                    float acc = 0.0f;
+                    for (int b = 0; b < n; b++) acc += cols ? m[b * n + a] : m[a * n + b];
+                    s[a] = acc;
+                }
+                for (int i = 0; i < n; i++)
+                    for (int j = 0; j < n; j++) m[i * n + j] = m[i * n + j] / s[cols ? j : i];
+            }
+            for (int i = 0; i < n * n; i++) o[i] = m[i];
+        }
+        free(scratch);
+    }
+}
+
+void rs_sinkhorn_backward(long N, int n, int iters, const float *z, const float *g, float *gz, int nt)
+{
+    _Pragma("omp parallel num_threads(nt) if(nt > 1)")
+    {
+        const size_t nn = (size_t)n * n;
+        float *m0 = (float *)malloc(sizeof(float) * (nn * (2 * (size_t)iters + 2) + 2 * (size_t)iters * n));
+        float *steps = m0 + nn, *gg = steps + 2 * (size_t)iters * nn, *sums = gg + nn;
+        _Pragma("omp for schedule(static)")
+        for (long t = 0; t < N; t++) {
+            sk_steps(n, iters, z + t * nn, m0, steps, sums);
+            for (size_t i = 0; i < nn; i++) gg[i] = g[t * nn + i];
+            for (int k = 2 * iters - 1; k >= 0; k--) {
+                const float *o = steps + (long)k * nn, *s = sums + (long)k * n;
+                const int cols = (k % 2 == 0);
+                for (int a = 0; a < n; a++) {
+                    float acc = 0.0f;  /* sum over the axis of g o */
+                    for (int b = 0; b < n; b++) acc += cols ? gg[b * n + a] * o[b * n + a] : gg[a * n + b] * o[a * n + b];
+                    for (int b = 0; b < n; b++) {
+                        const long e = cols ? b * n + a : a * n + b;
+                        gg[e] = (gg[e] - acc) / s[a];
+                    }
+                }
+            }
+            for (size_t i = 0; i < nn; i++) gz[t * nn + i] = gg[i] * m0[i];
+        }
+        free(m0);
     }
 }

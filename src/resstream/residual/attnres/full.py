@@ -60,10 +60,9 @@ class SourceHistory(PseudoQueries):
         return {"values": (emb,), "ids": (0,), "logits": (cols,), "q": q, "sums": sums}
 
     def new_sums(self, emb: Tensor) -> GradSums | None:
-        # gradients at source time (source_grad.py) where the native kernels run; not with
-        # recompute, whose reads must not keep their output
+        # gradients at source time (source_grad.py) where the native kernels run
         sums = new_grad_sums()
-        lib = native_kernels(emb, self.queries) if sums is not None and not getattr(self.options, "recompute", False) else None
+        lib = native_kernels(emb, self.queries) if sums is not None else None
         return sums if lib is None else KeyedSums(lib)
 
     def _read_row(self, state: State, row: int) -> tuple[Tensor, Tensor]:
@@ -73,7 +72,8 @@ class SourceHistory(PseudoQueries):
         if isinstance(sums, KeyedSums):
             alpha = torch.softmax(torch.stack(z, dim=-1), dim=-1)
             values = state["values"]
-            return (values[0] if len(values) == 1 else keyed_read(alpha, sums, state["ids"], row, values)), alpha
+            recompute = getattr(self.options, "recompute", False)
+            return (values[0] if len(values) == 1 else keyed_read(alpha, sums, state["ids"], row, values, recompute)), alpha
         ids = None if self.window is None else state["ids"]  # None: ids are positions
         return softmax_mixture(z, state["values"], sums, ids)
 

@@ -38,6 +38,7 @@ class PseudoQueries(ResidualStream):
     """The parameters of every AttnRes-style kind, and their first source, the embedding."""
 
     mixes_depth = True
+    fused_kernels = True
     source_legend = {"emb": "token embedding", "f{i}": "output of sublayer i"}
 
     def __init__(self, options: PseudoQueryOptions, n_sublayers: int, d_model: int) -> None:
@@ -71,8 +72,8 @@ class PseudoQueries(ResidualStream):
 
     def source(self, v: Tensor, q: Tensor, sums: GradSums | None, i: int, first: int, last: int) -> tuple[Tensor, tuple]:
         """v as source i with its logit columns against rows first..last of q: (source, columns)."""
-        if isinstance(sums, KeyedSums):
-            return keyed_source(v, q[: last + 1], sums, i, first, self.eps)
+        if isinstance(sums, KeyedSums):  # float32 kernels: a bf16 output (autocast) is kept as float32
+            return keyed_source(v.float(), q[: last + 1], sums, i, first, self.eps)
         return as_source(v, sums, i), normed_logit_columns(v, q[first : last + 1], self.eps)
 
     def open_sources(self, emb: Tensor) -> tuple[Tensor, GradSums | None, Tensor, tuple[Tensor, ...]]:

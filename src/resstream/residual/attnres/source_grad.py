@@ -15,7 +15,7 @@ output), forms its whole gradient in one native pass over itself and its readers
     dL/dq_l += sum_tokens dz_l r v                               (c_l = q_l · v r, r = 1/RMS(v))
 
 Used where the native kernels run (float32 on a CPU, residual.compiled "auto"/"on"), with
-gradient sums, and without ``recompute`` (whose inputs are not kept). Checked against the float64
+gradient sums (with ``recompute`` a read recomputes its output in backward for <g, x>). Checked against the float64
 reference like every fast path (tests/residual/test_native.py).
 """
 from __future__ import annotations
@@ -79,23 +79,31 @@ def keyed_source(v: Tensor, Q: Tensor, sums: KeyedSums, i: int, row0: int, eps: 
 
 class KeyedRead(torch.autograd.Function):
     """x = sum_k alpha[..., k] v_k (alpha: no gradient of its own); backward leaves, per source,
-    (its weight column, g, <g, x>, row) for its KeyedSource."""
+    (its weight column, g, <g, x>, row) for its KeyedSource. With ``recompute`` x is not kept
+    but recomputed in backward from the sources (bitwise the same: one deterministic kernel)."""
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, sums: KeyedSums, ids: tuple[int, ...], row: int, *values: Tensor) -> Tensor:
-        x = native.mix(sums.lib, [[alpha[..., k] for k in range(len(values))]], values)[0]
-        ctx.save_for_backward(alpha, x)
-        ctx.sums, ctx.ids, ctx.row = sums, ids, row
+    def forward(ctx, alpha: Tensor, sums: KeyedSums, ids: tuple[int, ...], row: int, recompute: bool,
+                *values: Tensor) -> Tensor:
+        x = _mix(sums.lib, alpha, values)
+        ctx.save_for_backward(alpha, *(values if recompute else (x,)))
+        ctx.sums, ctx.ids, ctx.row, ctx.recompute = sums, ids, row, recompute
         return x
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        alpha, x = ctx.saved_tensors
+        alpha, *saved = ctx.saved_tensors
+        x = _mix(ctx.sums.lib, alpha, saved) if ctx.recompute else saved[0]
         gx = native.dots(ctx.sums.lib, [g], [x])[..., 0, 0]
         for k, i in enumerate(ctx.ids):
             ctx.sums.readers.setdefault(i, []).append((alpha[..., k], g, gx, ctx.row))
-        return None, None, None, None, *([None] * len(ctx.ids))
+        return None, None, None, None, None, *([None] * len(ctx.ids))
 
 
-def keyed_read(alpha: Tensor, sums: KeyedSums, ids: tuple[int, ...], row: int, values: tuple[Tensor, ...]) -> Tensor:
-    return KeyedRead.apply(alpha, sums, ids, row, *values)
+def _mix(lib, alpha: Tensor, values) -> Tensor:
+    return native.mix(lib, [[alpha[..., k] for k in range(len(values))]], values)[0]
+
+
+def keyed_read(alpha: Tensor, sums: KeyedSums, ids: tuple[int, ...], row: int, values: tuple[Tensor, ...],
+               recompute: bool = False) -> Tensor:
+    return KeyedRead.apply(alpha, sums, ids, row, recompute, *values)

@@ -68,12 +68,12 @@ class HyperConnections(Streams):
             static.update(W=W.unbind(0), scale=self.dynamic_scale.to(dt).unbind(0))
         return static
 
-    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
+    def coefficients(self, static: dict, H: Tensor, l: int, pending=None) -> tuple[Tensor, Tensor]:
         C, post = static["C"][l], static["post"][l]
         if not self.dynamic:
             return C, post
         W = static["W"][l]                                                   # [D, 2 + n]
-        p = ScaledProjection.apply(H.to(W.dtype), W, self.eps)              # per stream: [B, T, n, 2 + n]
+        p = ScaledProjection.apply(H.to(W.dtype), W, self.eps, pending)              # per stream: [B, T, n, 2 + n]
         p_post, p_alpha = p.split([1, 1 + self.n], dim=-1)
         s_a, s_b = static["scale"][l]
         return (

@@ -94,13 +94,13 @@ class ManifoldHyperConnections(Streams):
         C = torch.cat([pre, sinkhorn(self.static_res.to(dt), self.iters)], dim=-2)  # [L, 1+n, n]
         return {"C": C.unbind(0), "post": (2 * torch.sigmoid(self.static_post.to(dt))).unbind(0)}
 
-    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
+    def coefficients(self, static: dict, H: Tensor, l: int, pending=None) -> tuple[Tensor, Tensor]:
         if not self.dynamic:
             return static["C"][l], static["post"][l]
         n = self.n
         phi = static["dynamic_proj"][l]                                            # [nD, 2n + n^2]
         v = H.flatten(-2).to(phi.dtype)                                            # vec(H): [B, T, nD]
-        p_pre, p_post, p_res = ScaledProjection.apply(v, phi, self.eps).split([n, n, n * n], dim=-1)
+        p_pre, p_post, p_res = ScaledProjection.apply(v, phi, self.eps, pending).split([n, n, n * n], dim=-1)
         a_pre, a_post, a_res = static["dynamic_scale"][l]
         pre = torch.sigmoid(a_pre * p_pre + static["static_pre"][l])
         post = 2 * torch.sigmoid(a_post * p_post + static["static_post"][l])

@@ -9,11 +9,17 @@ import torch
 from torch import Tensor
 
 from resstream.residual.base import stats_dtype
+from resstream.residual.compiled import native_kernels
+from resstream.residual.hyper.native_streams import NativeSinkhorn
 
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp projection of exp(logits) [..., n, n] towards a doubly stochastic
-    matrix: ``iters`` times normalise columns, then rows. Runs in float32 at least."""
+    matrix: ``iters`` times normalise columns, then rows. Runs in float32 at least; per token in
+    one native call where the native kernels run (native_streams.NativeSinkhorn)."""
+    lib = native_kernels(logits)
+    if lib is not None:
+        return NativeSinkhorn.apply(logits, iters, lib)
     z = logits.to(stats_dtype(logits)).movedim((-2, -1), (0, 1)).contiguous()  # [n, n, ...]
     return SinkhornKnopp.apply(z, iters).movedim((0, 1), (-2, -1))
 

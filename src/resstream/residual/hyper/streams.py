@@ -30,6 +30,9 @@ from torch import Tensor
 
 from resstream.config import ConfigBase, require
 from resstream.residual.base import Boundary, ResidualStream, State, stats_dtype
+from resstream.residual import native
+from resstream.residual.compiled import native_kernels
+from resstream.residual.hyper.native_streams import Pending, StreamRead, StreamWrite
 
 # hc's s_a, s_b and mhc's a_pre, a_post, a_res at init (HC Algorithm 2; mHC Table 5).
 INIT_SCALE = 0.01
@@ -59,7 +62,10 @@ class ScaledProjection(torch.autograd.Function):
     four more passes over the streams, which dominate this kind's cost on a CPU."""
 
     @staticmethod
-    def forward(ctx, v: Tensor, W: Tensor, eps: float) -> Tensor:
+    def forward(ctx, v: Tensor, W: Tensor, eps: float, pending: Pending | None = None) -> Tensor:
+        ctx.pending = pending
+        if pending is not None:
+            pending.projected = True  # the read's backward leaves the streams' gradient to this one
         v2 = v.reshape(-1, v.shape[-1])                                     # [N, F]
         ms = torch.linalg.vector_norm(v2, dim=-1, keepdim=True).square() / v2.shape[-1]
         rstd = torch.rsqrt(ms + eps)                                        # [N, 1]
@@ -70,14 +76,21 @@ class ScaledProjection(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None, None]:
         v2, W, rstd, raw = ctx.saved_tensors
         g = g.reshape(raw.shape)
         g_raw = g * rstd
         # d rstd / dv = -rstd^3 v / F, so dv = g_raw W^T - (sum_k g_k raw_k) rstd^3 / F v
         coef = (g * raw).sum(-1, keepdim=True) * rstd.pow(3) / v2.shape[-1]
-        dv = torch.addmm(v2 * -coef, g_raw, W.t())
-        return dv.view(ctx.v_shape), v2.t() @ g_raw, None
+        pending = ctx.pending
+        if pending is not None and pending.gH is not None:
+            # the read's and the write's gradient of the same streams (native_streams.py): add
+            # this one in place, and return the sum for all three
+            dv = pending.gH.view(v2.shape).addmm_(g_raw, W.t()).addcmul_(v2, coef, value=-1)
+            pending.gH = None
+        else:
+            dv = torch.addmm(v2 * -coef, g_raw, W.t())
+        return dv.view(ctx.v_shape), v2.t() @ g_raw, None, None
 
 
 class Streams(ResidualStream):
@@ -90,6 +103,7 @@ class Streams(ResidualStream):
     """
 
     identity_at_init = True
+    fused_kernels = True
 
     def __init__(self, options: StreamOptions, n_sublayers: int, d_model: int) -> None:
         super().__init__(options, n_sublayers, d_model)
@@ -103,15 +117,21 @@ class Streams(ResidualStream):
         parameter-sized gradient per sublayer in backward; unbind's backward is one stack."""
         return {}
 
-    def coefficients(self, static: dict, H: Tensor, l: int) -> tuple[Tensor, Tensor]:
+    def coefficients(self, static: dict, H: Tensor, l: int, pending: Pending | None = None) -> tuple[Tensor, Tensor]:
         """The width matrix C [.., n+1, n] and the write weights post [.., n] of sublayer l,
         from its input streams H [B, T, n, D]; '..' is [B, T] (dynamic) or nothing (static).
         Row 0 of C is pre (sublayer input x = sum_j C[0, j] h_j), rows 1..n are res
-        (carried stream i = sum_j C[1+i, j] h_j)."""
+        (carried stream i = sum_j C[1+i, j] h_j). ``pending``: goes to ScaledProjection (see
+        native_streams.py)."""
         raise NotImplementedError
 
     def _prepare(self, state: State, H: Tensor, l: int) -> State:
-        C, post = self.coefficients(state["static"], H, l)
+        lib = native_kernels(H)
+        pending = Pending(lib) if lib is not None else None
+        C, post = self.coefficients(state["static"], H, l, pending)
+        if pending is not None and native_kernels(C, post) is not None:  # one pass each way (native_streams.py)
+            x = StreamRead.apply(C[..., 0, :], H, pending)
+            return {**state, "l": l, "x": x, "carry": None, "res": C[..., 1:, :], "post": post, "H": H, "pending": pending}
         *lead, n, D = H.shape
         # One batched matmul over tokens, [1+n, n] @ [n, D] each (torch.matmul's broadcasting
         # path for a static C was 5x slower on a CPU).
@@ -135,6 +155,15 @@ class Streams(ResidualStream):
 
     def write(self, state: State, l: int, y: Tensor) -> State:
         carry, post = state["carry"], state["post"]
+        if state.get("pending") is not None:
+            res, H, y = state["res"], state["H"], y.to(torch.float32)
+            if native.eligible(y):
+                H = StreamWrite.apply(res, post, H, y, state["pending"])
+            else:  # y a tensor subclass (tensor parallelism's outputs): the same formula in torch ops
+                H = torch.matmul(res, H) + post.unsqueeze(-1) * y.unsqueeze(-2)
+            if l + 1 < self.n_sublayers:
+                return self._prepare(state, H, l + 1)
+            return {**state, "l": None, "x": None, "res": None, "post": None, "H": H, "pending": None}
         *lead, n, D = carry.shape
         # H = carry + post (outer) y as one fused batched matmul-add per token: its backward
         # is two batched matmuls instead of broadcast products and reductions.

@@ -1,0 +1,165 @@
+"""The native CPU kernels of the depth mixing (residual/native.py, native_kernels.c): each kernel
+against its eager twin, whole models on the eager fallback against the float64 reference (the
+suite runs the native path by default, see conftest.py), the build cache and the fallbacks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_matches_reference, randomize_residual, rel_err, tiny_cfg
+from resstream import LM
+from resstream.residual import compiled, native
+from resstream.residual.attnres import fused
+from resstream.residual.hyper import native_streams, sinkhorn
+
+pytestmark = pytest.mark.skipif(native.library()[0] is None, reason=f"native kernels unavailable: {native.library()[2]}")
+
+B, T, D = 2, 9, 32
+
+
+def _both(fn):
+    """fn() on the native path, then on the eager path."""
+    mode = compiled.get_mode()
+    try:
+        compiled.set_mode("on")
+        a = fn()
+        compiled.set_mode("off")
+        return a, fn()
+    finally:
+        compiled.set_mode(mode)
+
+
+def _close(a, b, tol=1e-5):
+    if isinstance(a, (list, tuple)):
+        return all(_close(x, y, tol) for x, y in zip(a, b))
+    return a.shape == b.shape and rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("n", [1, 3, 11])
+def test_mixtures_and_dots_match_eager(n):
+    vs = [torch.randn(B, T, D) for _ in range(n)]
+    a, acc = torch.softmax(torch.randn(B, T, n), -1), torch.randn(B, T, D)
+    assert _close(*_both(lambda: fused.mix(a, vs)))
+    assert _close(*_both(lambda: fused.mix(a, vs, acc)))
+    cols = [a[..., j : j + 1] for j in range(n)]  # strided column views, as the gradient sums hold them
+    assert _close(*_both(lambda: fused.mix_columns(cols, vs, acc)))
+    A = torch.softmax(torch.randn(B, T, 4, n), -1)
+    assert _close(*_both(lambda: fused.mix_many(A, vs)))
+    gs = [torch.randn(B, T, D) for _ in range(3)]
+    assert _close(*_both(lambda: fused.dots(gs[0], vs)))
+    assert _close(*_both(lambda: fused.dots_many(gs, vs)))
+
+
+def test_odd_layouts_are_read_right():
+    """A stride-0 gradient (sum().backward()), a transposed tensor, weights with a token stride."""
+    v = torch.randn(B, T, D)
+    wide = torch.rand(B, T, 7)
+    odd = [torch.ones(1).expand(B, T, D), torch.randn(D, T, B).permute(2, 1, 0), v]
+    assert _close(*_both(lambda: fused.mix_columns([wide[..., 1:2], wide[..., 4:5], wide[..., 6:7]], odd)))
+    assert _close(*_both(lambda: fused.dots(odd[1], odd)))
+
+
+def test_merge_matches_eager():
+    o, p, gx = torch.randn(B, T, D), torch.randn(B, T, D), torch.randn(B, T, D)
+    q, lse = torch.randn(D), torch.randn(B, T, 4)[..., 1]  # lse: a strided slice, as phase 2 passes it
+    c, e = _both(lambda: fused.merge_forward(o, p, q, lse, 1e-6))
+    assert _close(c, e, 1e-6)
+    x, r, s, gate = e
+    assert _close(*_both(lambda: fused.merge_backward(gx, p, x, q, r, s, gate)))
+
+
+def test_sinkhorn_matches_eager_forward_and_backward():
+    z = torch.randn(B, T, 4, 4, requires_grad=True)
+    g = torch.randn(B, T, 4, 4)
+
+    def run():
+        out = sinkhorn.sinkhorn(z, 20)
+        return out.detach(), torch.autograd.grad(out, z, g)[0]
+
+    (o1, g1), (o2, g2) = _both(run)
+    assert _close(o1, o2, 1e-6) and _close(g1, g2, 1e-5)
+
+
+CASES = [("attnres", {}), ("attnres", {"recompute": True}), ("block_attnres", {"block_size": 3}),
+         ("depth_swa", {"window": 3}), ("mhc", {}), ("mhc", {"dynamic": False}), ("hc", {})]
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+@pytest.mark.parametrize("kind,opts", CASES, ids=[f"{k}-{o}" for k, o in CASES])
+def test_model_matches_reference_on_both_paths(mode, kind, opts):
+    """Every kind with a native path, on it and on the eager fallback: logits and every gradient."""
+    model = LM(tiny_cfg(kind, n_layers=4, **opts))
+    randomize_residual(model)
+    previous = compiled.get_mode()
+    compiled.set_mode(mode)
+    try:
+        assert_matches_reference(model, torch.randint(0, 61, (B, T)), 2e-5)
+    finally:
+        compiled.set_mode(previous)
+
+
+def test_thread_count_changes_no_mixture():
+    """Per-token kernels split tokens between threads: every mixture is bitwise the same."""
+    vs = [torch.randn(4, 64, 64) for _ in range(5)]
+    a = torch.softmax(torch.randn(4, 64, 5), -1)
+    n = torch.get_num_threads()
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append(native.mix(native.library()[0], [[a[..., j] for j in range(5)]], vs)[0])
+    torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    cc = native.compiler()
+    monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))
+    first = native._build(cc)
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    calls = []
+    real = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
+    assert native._build(cc) == first
+    assert all("--version" in cmd for cmd in calls)  # asked the compiler's version, built nothing
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_no_compiler_falls_back_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(native, "_lib", {})
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.setitem(compiled._state, "said", set())
+    monkeypatch.setitem(compiled._state, "mode", "auto")
+    v = torch.randn(B, T, D)
+    assert compiled.native_kernels(v) is None and compiled.native_kernels(v) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs eager" in err[0] and "no C compiler" in err[0]
+    model = LM(tiny_cfg("block_attnres", n_layers=2, block_size=2))
+    _, loss = model(torch.randint(0, 61, (B, T)), torch.randint(0, 61, (B, T)))
+    loss.backward()  # trains on the eager path
+    monkeypatch.setitem(compiled._state, "mode", "on")
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        compiled.native_kernels(v)
+
+
+def test_failed_build_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", {})
+    monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "broken.c")
+    (tmp_path / "broken.c").write_text("this is not C\n")
+    lib, _, why = native.library()
+    assert lib is None and "failed" in why and "\n" not in why
+    assert not [p for p in (tmp_path / "kernels").iterdir()]  # no half-written library left
+
+
+def test_stream_kernels_match_eager_directly():
+    lib = native.library()[0]
+    H, y, G = torch.randn(B, T, 4, D), torch.randn(B, T, D), torch.randn(B, T, 4, D)
+    res, post, c0 = torch.rand(B, T, 4, 4), torch.rand(B, T, 4), torch.rand(4)
+    want = torch.einsum("btij,btjd->btid", res, H) + post[..., None] * y[..., None, :]
+    assert rel_err(native_streams.streams_write(lib, res, post, H, y), want) < 1e-6
+    assert rel_err(native_streams.streams_read(lib, c0, H), torch.einsum("j,btjd->btd", c0, H)) < 1e-6
+    gres, gpost, gH, gy = native_streams.streams_write_backward(lib, res, post, H, y, G)
+    assert rel_err(gres, torch.einsum("btid,btjd->btij", G, H)) < 1e-5
+    assert rel_err(gpost, (G * y[..., None, :]).sum(-1)) < 1e-5
+    assert rel_err(gH, torch.einsum("btij,btid->btjd", res, G)) < 1e-5
+    assert rel_err(gy, (post[..., None] * G).sum(-2)) < 1e-5
