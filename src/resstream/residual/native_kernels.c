@@ -81,21 +81,19 @@ void rs_phase1_backward(long N, long D, int n, int S, const float **b, const flo
                     const float *bj = b[j] + t * D, *gs = g[s] + t * D;
                     float *o = gb[j] + t * D;
                     const float c = A[(t * S + s) * n + j];
+                    if (s == 0) {  /* the block's gradient starts from its running sum */
+                        const float *at = (acc && acc[j]) ? acc[j] + t * D : NULL;
+                        if (at != o) {
+                            for (long d = 0; d < D; d++) o[d] = at ? at[d] : 0.0f;
+                        }
+                    }
                     float dot = 0.0f;
                     _Pragma("omp simd reduction(+:dot)")
-                    for (long d = 0; d < D; d++) dot += gs[d] * bj[d];
-                    gA[(t * S + s) * n + j] = dot;
-                    if (s > 0) {
-                        _Pragma("omp simd")
-                        for (long d = 0; d < D; d++) o[d] += c * gs[d];
-                    } else if (acc && acc[j]) {
-                        const float *at = acc[j] + t * D;
-                        _Pragma("omp simd")
-                        for (long d = 0; d < D; d++) o[d] = at[d] + c * gs[d];
-                    } else {
-                        _Pragma("omp simd")
-                        for (long d = 0; d < D; d++) o[d] = c * gs[d];
+                    for (long d = 0; d < D; d++) {  /* one read of g's row for both */
+                        dot += gs[d] * bj[d];
+                        o[d] += c * gs[d];
                     }
+                    gA[(t * S + s) * n + j] = dot;
                 }
             }
         }
@@ -216,13 +214,14 @@ void rs_source_backward(long N, long D, int M, const float *v, const float *r, c
             for (long t = t0; t < t1; t++) {
                 const float *restrict gt = gm + t * D, *restrict vt = v + t * D;
                 float *restrict o = gv + t * D;
+                const float am = a[m][t * as[m]];
                 float dot = 0.0f;
                 _Pragma("omp simd reduction(+:dot)")
-                for (long d = 0; d < D; d++) dot += gt[d] * vt[d];
-                const float am = a[m][t * as[m]];
+                for (long d = 0; d < D; d++) {  /* one read of g's row for both */
+                    dot += gt[d] * vt[d];
+                    o[d] += am * gt[d];
+                }
                 dz[t * M + m] = am * (dot - gx[m][t]);
-                _Pragma("omp simd")
-                for (long d = 0; d < D; d++) o[d] += am * gt[d];
             }
         }
         for (long t = t0; t < t1; t++) {  /* the key path: r sum_m dz_m q_m - (r^2/D)(sum_m dz_m c_m) v */
