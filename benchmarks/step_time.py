@@ -34,7 +34,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     s = H.Shape()
     for name in ("layers", "d_model", "heads", "seq", "batch", "vocab"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(s, name))
-    ap.add_argument("--steps", type=int, default=10, help="timed rounds (each times every variant once)")
+    ap.add_argument("--steps", type=int, default=20, help="timed rounds (each times every variant once)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     ap.add_argument("--residuals", default="gpt,prenorm,attnres,block_attnres,mhc",
                     help=f"comma-separated kind[:opt=value,opt=value] or gpt; kinds: {', '.join(H.available_kinds())}")
