@@ -25,7 +25,12 @@ static long tile_tokens(long D)
     return t < 1 ? 1 : t;
 }
 
-#define TILES_PARALLEL _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
+/* for each tile [t0, t1) of the N tokens, tiles split between threads (static schedule) */
+#define FOR_TILES(N, D, t0, t1)                                                                  \
+    const long TT_ = tile_tokens(D), tiles_ = ((N) + TT_ - 1) / TT_;                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")                      \
+    for (long k_ = 0; k_ < tiles_; k_++)                                                         \
+        for (long t0 = k_ * TT_, t1 = t0 + TT_ < (N) ? t0 + TT_ : (N), once_ = 1; once_; once_ = 0)
 
 /* out[s][t] = acc[s][t] (when acc and acc[s] are given) + sum_j w[s*n + j][t * ws[s*n + j]] v[j][t],
  * s < S: each weight is a column of some per-token tensor, given by its pointer and token stride.
@@ -33,10 +38,7 @@ static long tile_tokens(long D)
 void rs_mix(long N, long D, int n, int S, const float **v, const float **w, const long *ws, const float **acc,
             float **out, int nt)
 {
-    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
-    TILES_PARALLEL
-    for (long k = 0; k < tiles; k++) {
-        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+    FOR_TILES(N, D, t0, t1) {
         for (int s = 0; s < S; s++) {
             const float **wr = w + (long)s * n;
             const long *wsr = ws + (long)s * n;
@@ -71,10 +73,7 @@ void rs_mix(long N, long D, int n, int S, const float **v, const float **w, cons
 void rs_phase1_backward(long N, long D, int n, int S, const float **b, const float **g, const float *A,
                         float *gA, const float **acc, float **gb, int nt)
 {
-    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
-    TILES_PARALLEL
-    for (long k = 0; k < tiles; k++) {
-        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+    FOR_TILES(N, D, t0, t1) {
         for (int j = 0; j < n; j++) {
             for (int s = 0; s < S; s++) {
                 for (long t = t0; t < t1; t++) {
@@ -103,10 +102,7 @@ void rs_phase1_backward(long N, long D, int n, int S, const float **b, const flo
 /* out[t, s, j] = <g[s][t], v[j][t]> for s < S, j < n. out: contiguous [N, S, n]. */
 void rs_dots(long N, long D, int n, int S, const float **v, const float **g, float *out, int nt)
 {
-    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
-    TILES_PARALLEL
-    for (long k = 0; k < tiles; k++) {
-        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+    FOR_TILES(N, D, t0, t1) {
         for (int j = 0; j < n; j++) {
             for (int s = 0; s < S; s++) {
                 for (long t = t0; t < t1; t++) {
@@ -196,10 +192,7 @@ void rs_source_backward(long N, long D, int M, const float *v, const float *r, c
                         const int *col, const float **g, const float **a, const long *as, const float **gx,
                         const float **q, const float *direct, float *gv, float *dz, int nt)
 {
-    const long TT = tile_tokens(D), tiles = (N + TT - 1) / TT;
-    _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")
-    for (long k = 0; k < tiles; k++) {
-        const long t0 = k * TT, t1 = t0 + TT < N ? t0 + TT : N;
+    FOR_TILES(N, D, t0, t1) {
         for (long t = t0; t < t1; t++) {  /* the value path starts from the direct gradient */
             float *restrict o = gv + t * D;
             const float *restrict dt = direct ? direct + t * D : NULL;
@@ -351,24 +344,33 @@ void rs_streams_read_backward(long N, long D, int n, const float *c0, long c0s, 
  * column max), then iters times divide by the column sums, then by the row sums. The backward
  * recomputes the forward's steps per token (scratch of 2 iters n^2 floats per thread) and walks
  * them back: for o = m / s with s = sum over the axis of m, dm = (g - sum_axis(g o)) / s. */
-static void sk_steps(int n, int iters, const float *z, float *m0, float *steps, float *sums)
+static void sk_exp(int n, const float *z, float *m)  /* m = exp(z - column max) */
 {
     for (int j = 0; j < n; j++) {
         float mx = z[j];
         for (int i = 1; i < n; i++) mx = z[i * n + j] > mx ? z[i * n + j] : mx;
-        for (int i = 0; i < n; i++) m0[i * n + j] = expf(z[i * n + j] - mx);
+        for (int i = 0; i < n; i++) m[i * n + j] = expf(z[i * n + j] - mx);
     }
+}
+
+static void sk_step(int n, int cols, const float *m, float *o, float *s)  /* o = m / its column or row sums s */
+{
+    for (int a = 0; a < n; a++) {
+        float acc = 0.0f;
+        for (int b = 0; b < n; b++) acc += cols ? m[b * n + a] : m[a * n + b];
+        s[a] = acc;
+    }
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) o[i * n + j] = m[i * n + j] / s[cols ? j : i];
+}
+
+static void sk_steps(int n, int iters, const float *z, float *m0, float *steps, float *sums)
+{
+    sk_exp(n, z, m0);
     const float *m = m0;
     for (int k = 0; k < 2 * iters; k++) {
-        float *o = steps + (long)k * n * n, *s = sums + (long)k * n;
-        const int cols = (k % 2 == 0);
-        for (int a = 0; a < n; a++) {
-            float acc = 0.0f;
-            for (int b = 0; b < n; b++) acc += cols ? m[b * n + a] : m[a * n + b];
-            s[a] = acc;
-        }
-        for (int i = 0; i < n; i++)
-            for (int j = 0; j < n; j++) o[i * n + j] = m[i * n + j] / s[cols ? j : i];
+        float *o = steps + (long)k * n * n;
+        sk_step(n, k % 2 == 0, m, o, sums + (long)k * n);
         m = o;
     }
 }
@@ -377,29 +379,14 @@ void rs_sinkhorn(long N, int n, int iters, const float *z, float *out, int nt)
 {
     _Pragma("omp parallel num_threads(nt) if(nt > 1)")
     {
-        float *scratch = (float *)malloc(sizeof(float) * ((size_t)2 * n * n + (size_t)2 * n));
+        float *s = (float *)malloc(sizeof(float) * (size_t)n);
         _Pragma("omp for schedule(static)")
         for (long t = 0; t < N; t++) {
-            float *m = scratch, *s = scratch + n * n, *o = out + t * n * n;
-            const float *zt = z + t * n * n;
-            for (int j = 0; j < n; j++) {
-                float mx = zt[j];
-                for (int i = 1; i < n; i++) mx = zt[i * n + j] > mx ? zt[i * n + j] : mx;
-                for (int i = 0; i < n; i++) m[i * n + j] = expf(zt[i * n + j] - mx);
-            }
-            for (int k = 0; k < 2 * iters; k++) {
-                const int cols = (k % 2 == 0);
-                for (int a = 0; a < n; a++) {
-                    float acc = 0.0f;
-                    for (int b = 0; b < n; b++) acc += cols ? m[b * n + a] : m[a * n + b];
-                    s[a] = acc;
-                }
-                for (int i = 0; i < n; i++)
-                    for (int j = 0; j < n; j++) m[i * n + j] = m[i * n + j] / s[cols ? j : i];
-            }
-            for (int i = 0; i < n * n; i++) o[i] = m[i];
+            float *m = out + t * n * n;  /* in place in the output */
+            sk_exp(n, z + t * n * n, m);
+            for (int k = 0; k < 2 * iters; k++) sk_step(n, k % 2 == 0, m, m, s);
         }
-        free(scratch);
+        free(s);
     }
 }
 
