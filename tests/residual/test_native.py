@@ -141,6 +141,16 @@ def test_no_compiler_falls_back_with_one_line(monkeypatch, capsys):
         compiled.native_kernels(v)
 
 
+def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_lib", {})
+    monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))
+    path = native._build(native.compiler())
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
+    lib, _, why = native.library()
+    assert lib is not None and why == ""
+    assert native.library()[0] is lib
+
+
 def test_failed_build_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_lib", {})
     monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))

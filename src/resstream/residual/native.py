@@ -102,6 +102,23 @@ def _build(cc: str) -> Path:
     raise RuntimeError(errors[-1])
 
 
+def _load(path: Path, cc: str):
+    """Load a built library; one that does not load or lacks a kernel (a damaged cache file) is
+    removed and built again, once."""
+    for attempt in (0, 1):
+        try:
+            lib = ctypes.CDLL(str(path))
+            for name, args in _SIGNATURES.items():
+                getattr(lib, name).argtypes = args
+                getattr(lib, name).restype = None
+            return lib
+        except (OSError, AttributeError):
+            if attempt:
+                raise
+            path.unlink(missing_ok=True)
+            path = _build(cc)
+
+
 def library() -> tuple[object | None, float, str]:
     """The loaded kernels (None where they cannot be built), the seconds this call spent building
     them (0 once loaded), and why not (when None)."""
@@ -113,10 +130,7 @@ def library() -> tuple[object | None, float, str]:
         why = "no C compiler found (install gcc or set CC)"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(cc)))
-            for name, args in _SIGNATURES.items():
-                getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = None
+            lib = _load(_build(cc), cc)
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
             lib, why = None, f"building the CPU mixing kernels with {cc} failed: {str(e).strip() or type(e).__name__}"
     _lib.update(lib=lib, why=why)
