@@ -39,6 +39,7 @@ _P = ctypes.c_void_p
 _L, _I, _F = ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "rs_mix": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _I],
+    "rs_softmax_mix": [_L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _I],
     "rs_phase1_backward": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _P, _I],
     "rs_dots": [_L, _L, _I, _I, _P, _P, _P, _I],
     "rs_merge_forward": [_L, _L, _P, _P, _P, _P, _F, _P, _P, _P, _P, _I],
@@ -196,6 +197,22 @@ def mix(lib, weights: list[list[Tensor]], values, accs=None, out=None) -> list[T
     acc, ak = (None, None) if accs is None else _ptrs(accs)
     lib.rs_mix(N, D, n, S, vp, wp, ws, acc, op, threads(N * D * (n + S)))
     return outs
+
+
+def softmax_mix(lib, z: list[Tensor], values) -> tuple[Tensor, Tensor]:
+    """(x, alpha): alpha = softmax over the logit columns z (n per-token columns, any strides),
+    x = sum_j alpha[..., j] values[j], in one pass (x bitwise as mix() would make it from alpha)."""
+    N, D = _shape(values[0])
+    n = len(values)
+    cols = [_column(c) for c in z]
+    alpha = torch.empty(*values[0].shape[:-1], n, dtype=torch.float32)
+    x = torch.empty(values[0].shape, dtype=torch.float32)
+    (vp, vk) = _ptrs(values)
+    base = alpha.data_ptr()
+    lib.rs_softmax_mix(N, D, n, vp, (_P * n)(*[c[0] for c in cols]), (_L * n)(*[c[1] for c in cols]), base,
+                       (_P * n)(*[base + 4 * j for j in range(n)]), (_L * n)(*([n] * n)), x.data_ptr(),
+                       threads(N * D * (n + 1)))
+    return x, alpha
 
 
 def rows(A: Tensor) -> list[list[Tensor]]:

@@ -35,34 +35,59 @@ static long tile_tokens(long D)
 /* out[s][t] = acc[s][t] (when acc and acc[s] are given) + sum_j w[s*n + j][t * ws[s*n + j]] v[j][t],
  * s < S: each weight is a column of some per-token tensor, given by its pointer and token stride.
  * out[s] may be acc[s] (in place). */
+/* One output over tokens [t0, t1): o = acc + sum_j w[j][t * ws[j]] v[j][t] (acc may be NULL or o).
+ * The one mixing loop of every kernel here, so that a mixture recomputed by another kernel is
+ * bitwise the same. */
+static inline void mix_tile(long D, int n, const float **v, const float **w, const long *ws, const float *a,
+                            float *out, long t0, long t1)
+{
+    for (int j = 0; j < n; j++) {
+        const float *vj = v[j];
+        for (long t = t0; t < t1; t++) {
+            float *o = out + t * D;
+            const float *vt = vj + t * D;
+            const float c = w[j][t * ws[j]];
+            if (j > 0) {
+                _Pragma("omp simd")
+                for (long d = 0; d < D; d++) o[d] += c * vt[d];
+            } else if (a) {
+                const float *at = a + t * D;
+                _Pragma("omp simd")
+                for (long d = 0; d < D; d++) o[d] = at[d] + c * vt[d];
+            } else {
+                _Pragma("omp simd")
+                for (long d = 0; d < D; d++) o[d] = c * vt[d];
+            }
+        }
+    }
+}
+
 void rs_mix(long N, long D, int n, int S, const float **v, const float **w, const long *ws, const float **acc,
             float **out, int nt)
 {
     FOR_TILES(N, D, t0, t1) {
-        for (int s = 0; s < S; s++) {
-            const float **wr = w + (long)s * n;
-            const long *wsr = ws + (long)s * n;
-            const float *a = (acc && acc[s]) ? acc[s] : NULL;
+        for (int s = 0; s < S; s++)
+            mix_tile(D, n, v, w + (long)s * n, ws + (long)s * n, (acc && acc[s]) ? acc[s] : NULL, out[s], t0, t1);
+    }
+}
+
+/* A read of Full AttnRes in one pass: alpha[t, :] = softmax_j z[j][t * zs[j]] (written, [N, n]),
+ * x = sum_j alpha[t, j] v[j][t] (the mixing loop of rs_mix). */
+void rs_softmax_mix(long N, long D, int n, const float **v, const float **z, const long *zs, float *alpha,
+                    const float **wcols, const long *wstr, float *x, int nt)
+{
+    FOR_TILES(N, D, t0, t1) {
+        for (long t = t0; t < t1; t++) {
+            float *at = alpha + t * n, mx = z[0][t * zs[0]], sum = 0.0f;
+            for (int j = 1; j < n; j++) mx = z[j][t * zs[j]] > mx ? z[j][t * zs[j]] : mx;
             for (int j = 0; j < n; j++) {
-                const float *vj = v[j];
-                for (long t = t0; t < t1; t++) {
-                    float *o = out[s] + t * D;
-                    const float *vt = vj + t * D;
-                    const float c = wr[j][t * wsr[j]];
-                    if (j > 0) {
-                        _Pragma("omp simd")
-                        for (long d = 0; d < D; d++) o[d] += c * vt[d];
-                    } else if (a) {
-                        const float *at = a + t * D;
-                        _Pragma("omp simd")
-                        for (long d = 0; d < D; d++) o[d] = at[d] + c * vt[d];
-                    } else {
-                        _Pragma("omp simd")
-                        for (long d = 0; d < D; d++) o[d] = c * vt[d];
-                    }
-                }
+                at[j] = expf(z[j][t * zs[j]] - mx);
+                sum += at[j];
             }
+            const float inv = 1.0f / sum;
+            for (int j = 0; j < n; j++) at[j] *= inv;
         }
+        mix_tile(D, n, v, wcols, wstr, NULL, x, t0, t1);  /* wcols[j] = alpha + j, wstr[j] = n */
     }
 }
 

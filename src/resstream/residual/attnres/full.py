@@ -40,6 +40,7 @@ from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInpu
 from resstream.residual.attnres.reference import attnres_reference
 from resstream.residual.attnres.source_grad import KeyedSums, keyed_read
 from resstream.residual.attnres.variants import AblationFull, AblationOptions, SwitchesToAblation
+from resstream.residual import native
 from resstream.residual.base import Boundary, State, register
 from resstream.residual.compiled import native_kernels
 
@@ -70,10 +71,10 @@ class SourceHistory(PseudoQueries):
         z = [cols[row - i] for i, cols in zip(state["ids"], state["logits"])]
         sums = state["sums"]
         if isinstance(sums, KeyedSums):
-            alpha = torch.softmax(torch.stack(z, dim=-1), dim=-1)
             values = state["values"]
-            recompute = getattr(self.options, "recompute", False)
-            return (values[0] if len(values) == 1 else keyed_read(alpha, sums, state["ids"], row, values, recompute)), alpha
+            if len(values) == 1:  # a softmax over one source is exactly 1
+                return values[0], torch.ones(*values[0].shape[:-1], 1)
+            return keyed_read(z, sums, state["ids"], row, values, getattr(self.options, "recompute", False))
         ids = None if self.window is None else state["ids"]  # None: ids are positions
         return softmax_mixture(z, state["values"], sums, ids)
 
@@ -140,6 +141,8 @@ class FullAttnRes(SwitchesToAblation, RecomputesInput, SourceHistory):
     def _input_recipe(self, state: State, l: int) -> Callable[[], Tensor]:
         values = state["values"]
         cols = [c[l - i].detach() for i, c in enumerate(state["logits"])]  # views of kept caches
+        if isinstance(state["sums"], KeyedSums):  # the forward's kernel on the same inputs
+            return lambda: native.softmax_mix(state["sums"].lib, cols, values)[0]
 
         def recompute() -> Tensor:  # the forward's ops on the same inputs: bitwise the same
             return mix(torch.softmax(torch.stack(cols, dim=-1), dim=-1), values)

@@ -78,20 +78,22 @@ def keyed_source(v: Tensor, Q: Tensor, sums: KeyedSums, i: int, row0: int, eps: 
 
 
 class KeyedRead(torch.autograd.Function):
-    """x = sum_k alpha[..., k] v_k (alpha: no gradient of its own); backward leaves, per source,
-    (its weight column, g, <g, x>, row) for its KeyedSource. With ``recompute`` x is not kept
-    but recomputed in backward from the sources (bitwise the same: one deterministic kernel)."""
+    """x = sum_k alpha[..., k] v_k with alpha = softmax of the logit columns z (no gradient of
+    their own), in one native pass; returns (x, alpha). Backward leaves, per source, (its weight
+    column, g, <g, x>, row) for its KeyedSource. With ``recompute`` x is not kept but recomputed
+    in backward from alpha and the sources (bitwise the same: one mixing loop, native_kernels.c)."""
 
     @staticmethod
-    def forward(ctx, alpha: Tensor, sums: KeyedSums, ids: tuple[int, ...], row: int, recompute: bool,
-                *values: Tensor) -> Tensor:
-        x = _mix(sums.lib, alpha, values)
+    def forward(ctx, sums: KeyedSums, ids: tuple[int, ...], row: int, recompute: bool, z: list,
+                *values: Tensor) -> tuple[Tensor, Tensor]:
+        x, alpha = native.softmax_mix(sums.lib, z, values)
         ctx.save_for_backward(alpha, *(values if recompute else (x,)))
         ctx.sums, ctx.ids, ctx.row, ctx.recompute = sums, ids, row, recompute
-        return x
+        ctx.mark_non_differentiable(alpha)
+        return x, alpha
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor, _: Tensor | None):
         alpha, *saved = ctx.saved_tensors
         x = _mix(ctx.sums.lib, alpha, saved) if ctx.recompute else saved[0]
         gx = native.dots(ctx.sums.lib, [g], [x])[..., 0, 0]
@@ -104,6 +106,8 @@ def _mix(lib, alpha: Tensor, values) -> Tensor:
     return native.mix(lib, [[alpha[..., k] for k in range(len(values))]], values)[0]
 
 
-def keyed_read(alpha: Tensor, sums: KeyedSums, ids: tuple[int, ...], row: int, values: tuple[Tensor, ...],
-               recompute: bool = False) -> Tensor:
-    return KeyedRead.apply(alpha, sums, ids, row, recompute, *values)
+def keyed_read(z: list[Tensor], sums: KeyedSums, ids: tuple[int, ...], row: int, values: tuple[Tensor, ...],
+               recompute: bool = False) -> tuple[Tensor, Tensor]:
+    """The mixture read by query ``row`` over ``values`` (ids ``ids``) from their logit columns z,
+    and its weights."""
+    return KeyedRead.apply(sums, ids, row, recompute, list(z), *values)
