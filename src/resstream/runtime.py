@@ -17,14 +17,14 @@ import os
 import platform
 from pathlib import Path
 
-def cache_root() -> Path:
-    """Where resstream caches what it builds or fetches: $RESSTREAM_CACHE, default ~/.cache/resstream."""
-    return Path(os.environ.get("RESSTREAM_CACHE") or Path.home() / ".cache" / "resstream").expanduser()
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
 _ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _done: list[str] = []
+
+
+def cache_root() -> Path:
+    """Where resstream caches what it builds or fetches: $RESSTREAM_CACHE, default ~/.cache/resstream."""
+    return Path(os.environ.get("RESSTREAM_CACHE") or Path.home() / ".cache" / "resstream").expanduser()
 
 
 def tune_allocator() -> str:

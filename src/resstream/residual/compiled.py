@@ -169,7 +169,7 @@ def kernel(fn: Callable) -> Kernel:
 
 def native_kernels(*tensors: torch.Tensor):
     """The fused C kernels of residual/native.py if the mode allows them for these tensors
-    (float32, contiguous, on the CPU) and they are built, else None (callers run their other path)."""
+    (plain float32 CPU tensors) and they are built, else None (callers run their other path)."""
     mode = _state["mode"]
     if mode not in ("auto", "on") or not native.eligible(*tensors):
         return None

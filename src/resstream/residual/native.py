@@ -11,7 +11,8 @@ OpenMP over tokens when the compiler has it), and the library is cached by conte
 and CPU under ``$RESSTREAM_CACHE/kernels`` (default ~/.cache/resstream), so later processes
 only load it.
 
-Used for float32 contiguous CPU tensors when residual.compiled's mode allows (the default
+Used for float32 CPU tensors (any layout: the wrappers make the rare non-contiguous one
+contiguous) when residual.compiled's mode allows (the default
 "auto" does on CPU); everything else (other dtypes, GPUs, tensor subclasses, no compiler)
 takes the other paths of attnres/fused.py. A build that fails says so in one line on stderr
 and the mixing runs eager. The build time is counted in ``compiled.compile_seconds()``.
@@ -24,7 +25,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -183,16 +183,21 @@ def _column(w: Tensor) -> tuple[int, int, Tensor]:
     return w.data_ptr(), step, w
 
 
-def mix(lib, weights: list[list[Tensor]], values, accs=None, out=None) -> list[Tensor]:
+def _columns(ws) -> tuple[ctypes.Array, ctypes.Array, list]:
+    """Per-token weight columns (see _column) as C arrays of addresses and token strides, and the
+    tensors that hold them (keep them alive for the call)."""
+    cols = [_column(w) for w in ws]
+    return (_P * len(cols))(*[c[0] for c in cols]), (_L * len(cols))(*[c[1] for c in cols]), cols
+
+
+def mix(lib, weights: list[list[Tensor]], values, accs=None) -> list[Tensor]:
     """out_s = acc_s + sum_j weights[s][j] values[j] for every s: ``weights`` S lists of n per-token
     columns (any float32 views, see _column), values n tensors [..., D]; ``accs``: None or S
-    tensors/None; ``out``: None (new tensors) or S tensors to write (may be the accs)."""
+    tensors/None. Returns S new tensors."""
     N, D = _shape(values[0])
     S, n = len(weights), len(values)
-    cols = [_column(w) for row in weights for w in row]
-    wp = (_P * len(cols))(*[c[0] for c in cols])
-    ws = (_L * len(cols))(*[c[1] for c in cols])
-    outs = out if out is not None else [torch.empty(values[0].shape, dtype=torch.float32) for _ in range(S)]
+    wp, ws, wk = _columns([w for row in weights for w in row])
+    outs = [torch.empty(values[0].shape, dtype=torch.float32) for _ in range(S)]
     (vp, vk), (op, _) = _ptrs(values), _ptrs(outs)
     acc, ak = (None, None) if accs is None else _ptrs(accs)
     lib.rs_mix(N, D, n, S, vp, wp, ws, acc, op, threads(N * D * (n + S)))
@@ -204,19 +209,16 @@ def softmax_mix(lib, z: list[Tensor], values) -> tuple[Tensor, Tensor]:
     x = sum_j alpha[..., j] values[j], in one pass (x bitwise as mix() would make it from alpha)."""
     N, D = _shape(values[0])
     n = len(values)
-    cols = [_column(c) for c in z]
     alpha = torch.empty(*values[0].shape[:-1], n, dtype=torch.float32)
     x = torch.empty(values[0].shape, dtype=torch.float32)
-    (vp, vk) = _ptrs(values)
-    base = alpha.data_ptr()
-    lib.rs_softmax_mix(N, D, n, vp, (_P * n)(*[c[0] for c in cols]), (_L * n)(*[c[1] for c in cols]), base,
-                       (_P * n)(*[base + 4 * j for j in range(n)]), (_L * n)(*([n] * n)), x.data_ptr(),
-                       threads(N * D * (n + 1)))
+    (vp, vk), (zp, zs, zk) = _ptrs(values), _columns(z)
+    ap, as_, ak = _columns([alpha[..., j] for j in range(n)])  # where the kernel reads alpha back
+    lib.rs_softmax_mix(N, D, n, vp, zp, zs, alpha.data_ptr(), ap, as_, x.data_ptr(), threads(N * D * (n + 1)))
     return x, alpha
 
 
 def rows(A: Tensor) -> list[list[Tensor]]:
-    """The weight columns of A [..., S, n] as mix() takes them."""
+    """The weight columns of A [..., S, n] as mix() takes them (a single mixture: A[..., None, :])."""
     return [[A[..., s, j] for j in range(A.shape[-1])] for s in range(A.shape[-2])]
 
 
@@ -265,10 +267,6 @@ def merge_backward(lib, gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, 
     return go, gp, dz, parts.sum(0)
 
 
-def say(message: str) -> None:
-    print(f"resstream: {message}", file=sys.stderr)
-
-
 def source_backward(lib, v: Tensor, r: Tensor, c: Tensor, cols: list[int], readers: list[tuple], q: Tensor,
                     direct: Tensor | None) -> tuple[Tensor, Tensor]:
     """Full AttnRes: source v's whole gradient from its readers (see rs_source_backward):
@@ -278,14 +276,14 @@ def source_backward(lib, v: Tensor, r: Tensor, c: Tensor, cols: list[int], reade
     M = len(readers)
     v, r, c, q = contiguous(v), contiguous(r), contiguous(c), contiguous(q)
     direct = None if direct is None else contiguous(direct)
-    weights = [_column(a) for a, _, _, _ in readers]
+    wp, ws, wk = _columns([a for a, _, _, _ in readers])
     gp, gk = _ptrs([g for _, g, _, _ in readers])
     xp, xk = _ptrs([gx for _, _, gx, _ in readers])
     qp = (_P * M)(*[q.data_ptr() + 4 * row * q.stride(0) for _, _, _, row in readers])
     gv = torch.empty(v.shape, dtype=torch.float32)
     dz = torch.empty(*v.shape[:-1], M, dtype=torch.float32)
     lib.rs_source_backward(N, D, M, v.data_ptr(), r.data_ptr(), c.data_ptr(), c.shape[-1], (_I * M)(*cols), gp,
-                           (_P * M)(*[w[0] for w in weights]), (_L * M)(*[w[1] for w in weights]), xp, qp,
+                           wp, ws, xp, qp,
                            None if direct is None else direct.data_ptr(), gv.data_ptr(), dz.data_ptr(),
                            threads(N * D * (M + 2)))
     return gv, dz

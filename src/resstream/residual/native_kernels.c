@@ -32,9 +32,6 @@ static long tile_tokens(long D)
     for (long k_ = 0; k_ < tiles_; k_++)                                                         \
         for (long t0 = k_ * TT_, t1 = t0 + TT_ < (N) ? t0 + TT_ : (N), once_ = 1; once_; once_ = 0)
 
-/* out[s][t] = acc[s][t] (when acc and acc[s] are given) + sum_j w[s*n + j][t * ws[s*n + j]] v[j][t],
- * s < S: each weight is a column of some per-token tensor, given by its pointer and token stride.
- * out[s] may be acc[s] (in place). */
 /* One output over tokens [t0, t1): o = acc + sum_j w[j][t * ws[j]] v[j][t] (acc may be NULL or o).
  * The one mixing loop of every kernel here, so that a mixture recomputed by another kernel is
  * bitwise the same. */
@@ -62,6 +59,9 @@ static inline void mix_tile(long D, int n, const float **v, const float **w, con
     }
 }
 
+/* out[s][t] = acc[s][t] (when acc and acc[s] are given) + sum_j w[s*n + j][t * ws[s*n + j]] v[j][t],
+ * s < S: each weight is a column of some per-token tensor, given by its pointer and token stride.
+ * out[s] may be acc[s] (in place). */
 void rs_mix(long N, long D, int n, int S, const float **v, const float **w, const long *ws, const float **acc,
             float **out, int nt)
 {

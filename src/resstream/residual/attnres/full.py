@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from resstream.config import require
+from resstream.residual import native
 from resstream.residual.attnres.fused import mix
 from resstream.residual.attnres.kernels import GradSums, new_grad_sums, softmax_mixture
 from resstream.residual.attnres.lean import HistoryDecoder
@@ -40,7 +41,6 @@ from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInpu
 from resstream.residual.attnres.reference import attnres_reference
 from resstream.residual.attnres.source_grad import KeyedSums, keyed_read
 from resstream.residual.attnres.variants import AblationFull, AblationOptions, SwitchesToAblation
-from resstream.residual import native
 from resstream.residual.base import Boundary, State, register
 from resstream.residual.compiled import native_kernels
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.residual.base import stats_dtype
 from resstream.residual import native
+from resstream.residual.base import stats_dtype
 from resstream.residual.compiled import kernel, native_kernels
 
 CHUNK = 8  # sources per compiled mixing call
@@ -118,8 +118,8 @@ def mix(a: Tensor, values: Sequence[Tensor], acc: Tensor | None = None) -> Tenso
     out = mix_dtype(values) if acc is None else acc.dtype
     lib = native_kernels(*values, *(() if acc is None else (acc,)))
     if lib is not None:
-        a = a.to(torch.float32)
-        return native.mix(lib, [[a[..., j] for j in range(len(values))]], values, None if acc is None else [acc])[0]
+        a = a.to(torch.float32)[..., None, :]  # one mixture
+        return native.mix(lib, native.rows(a), values, None if acc is None else [acc])[0]
     if mix_chunk.usable(a, *values):
         a = a.to(torch.promote_types(stats_dtype(values[0]), a.dtype))
         for c, k in _chunks(len(values)):
@@ -163,7 +163,7 @@ def merge_forward(o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float) -> t
     if lib is not None:
         return native.merge_forward(lib, o, p, q, lse, eps)
     if merge_forward_fused.usable(o, p, q, lse):
-        return merge_forward_fused(o, p, q, lse.contiguous(), eps)
+        return merge_forward_fused(o, p, q, lse, eps)
     dt = lse.dtype
     p_ = p.to(dt)
     r = torch.rsqrt(torch.linalg.vector_norm(p_, dim=-1).square() / p.shape[-1] + eps)  # [B, T]

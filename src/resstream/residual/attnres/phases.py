@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resstream.residual.attnres.fused import dots_many, merge_backward, merge_forward, mix, mix_many
 from resstream.residual import native
+from resstream.residual.attnres.fused import dots_many, merge_backward, merge_forward, mix, mix_many
 from resstream.residual.attnres.kernels import GradSums
 from resstream.residual.compiled import native_kernels
 
@@ -42,15 +42,14 @@ class Phase1(torch.autograd.Function):
     def backward(ctx, *gos: Tensor | None):
         A, *blocks = ctx.saved_tensors
         read = [s for s, g in enumerate(gos) if g is not None]  # outputs nobody read get nothing
+        gA = torch.zeros_like(A)
         lib = native_kernels(A, *blocks, *(gos[s] for s in read)) if ctx.sums is not None and read else None
         if lib is not None:  # one pass: the dot products, and each block's running gradient sum
-            gA = torch.zeros_like(A)
             sums = ctx.sums.running
             gA[..., read, :], gbs = native.phase1_backward(lib, A[..., read, :], [gos[s] for s in read], blocks,
                                                            [sums.get(j) for j in range(len(blocks))])
             sums.update(enumerate(gbs))
             return gA, None, *([None] * len(blocks))
-        gA = torch.zeros_like(A)
         if read:
             gA[..., read, :] = dots_many([gos[s] for s in read], blocks).to(A.dtype)
         gbs: list[Tensor | None] = [None] * len(blocks)

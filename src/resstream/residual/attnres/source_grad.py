@@ -15,8 +15,8 @@ output), forms its whole gradient in one native pass over itself and its readers
     dL/dq_l += sum_tokens dz_l r v                               (c_l = q_l · v r, r = 1/RMS(v))
 
 Used where the native kernels run (float32 on a CPU, residual.compiled "auto"/"on"), with
-gradient sums (with ``recompute`` a read recomputes its output in backward for <g, x>). Checked against the float64
-reference like every fast path (tests/residual/test_native.py).
+gradient sums (with ``recompute`` a read recomputes its output in backward for <g, x>).
+Checked against the float64 reference like every fast path (tests/residual/test_native.py).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class KeyedRead(torch.autograd.Function):
 
 
 def _mix(lib, alpha: Tensor, values) -> Tensor:
-    return native.mix(lib, [[alpha[..., k] for k in range(len(values))]], values)[0]
+    return native.mix(lib, native.rows(alpha[..., None, :]), values)[0]
 
 
 def keyed_read(z: list[Tensor], sums: KeyedSums, ids: tuple[int, ...], row: int, values: tuple[Tensor, ...],

@@ -73,7 +73,7 @@ class HyperConnections(Streams):
         if not self.dynamic:
             return C, post
         W = static["W"][l]                                                   # [D, 2 + n]
-        p = ScaledProjection.apply(H.to(W.dtype), W, self.eps, pending)              # per stream: [B, T, n, 2 + n]
+        p = ScaledProjection.apply(H.to(W.dtype), W, self.eps, pending)     # per stream: [B, T, n, 2 + n]
         p_post, p_alpha = p.split([1, 1 + self.n], dim=-1)
         s_a, s_b = static["scale"][l]
         return (

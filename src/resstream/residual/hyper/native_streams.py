@@ -8,8 +8,8 @@ backward, and the write's backward leaves its gradient of H for the read's backw
 its own in place (the read's backward always runs later: it needs the sublayer's input gradient,
 which needs the write's gradient of y). With dynamic coefficients the projection of H
 (streams.ScaledProjection), whose backward runs after both (it needs their coefficients'
-gradients), adds its part in place too and returns the sum. Float32 on a CPU, where the native kernels run; checked
-against the float64 reference with every fast path.
+gradients), adds its part in place too and returns the sum. Float32 on a CPU, where the native
+kernels run; checked against the float64 reference with every fast path.
 """
 from __future__ import annotations
 
@@ -22,17 +22,19 @@ from resstream.residual import native
 def _coef(c: Tensor, per_token: int) -> tuple[int, int, Tensor]:
     """Per-token coefficients (the last ``per_token`` elements of each token row-major, e.g. n or
     n x n) as (address, token stride, holder): stride 0 for one static block shared by all."""
-    inner = c.reshape(-1, per_token) if c.is_contiguous() else None
-    if inner is None:
-        c = c.contiguous()
-        inner = c.reshape(-1, per_token)
+    inner = native.contiguous(c).reshape(-1, per_token)
     return inner.data_ptr(), (per_token if inner.shape[0] > 1 else 0), inner
+
+
+def _dims(H: Tensor) -> tuple[int, int, int]:
+    """(tokens, streams, width) of streams H [..., n, D]."""
+    n, D = H.shape[-2:]
+    return H.numel() // (n * D), n, D
 
 
 def streams_read(lib, c0: Tensor, H: Tensor) -> Tensor:
     """x = sum_j c0[.., j] h_j over streams H [..., n, D] (c0 [.., n] per token or [n])."""
-    n, D = H.shape[-2:]
-    N = H.numel() // (n * D)
+    N, n, D = _dims(H)
     H = native.contiguous(H)
     cp, cs, ck = _coef(c0, n)
     x = torch.empty(*H.shape[:-2], D, dtype=torch.float32)
@@ -42,19 +44,18 @@ def streams_read(lib, c0: Tensor, H: Tensor) -> Tensor:
 
 def streams_write(lib, res: Tensor, post: Tensor, H: Tensor, y: Tensor) -> Tensor:
     """H' = res @ H + post (outer) y per token."""
-    n, D = H.shape[-2:]
-    N = H.numel() // (n * D)
+    N, n, D = _dims(H)
     H, y = native.contiguous(H), native.contiguous(y)
     (rp, rs, rk), (pp, ps, pk) = _coef(res, n * n), _coef(post, n)
     out = torch.empty(H.shape, dtype=torch.float32)
-    lib.rs_streams_write(N, D, n, rp, rs, pp, ps, H.data_ptr(), y.data_ptr(), out.data_ptr(), native.threads(N * D * (2 * n + 1)))
+    lib.rs_streams_write(N, D, n, rp, rs, pp, ps, H.data_ptr(), y.data_ptr(), out.data_ptr(),
+                         native.threads(N * D * (2 * n + 1)))
     return out
 
 
 def streams_write_backward(lib, res: Tensor, post: Tensor, H: Tensor, y: Tensor, G: Tensor):
     """(gres [.., n, n], gpost [.., n], gH, gy) of streams_write."""
-    n, D = H.shape[-2:]
-    N = H.numel() // (n * D)
+    N, n, D = _dims(H)
     H, y, G = native.contiguous(H), native.contiguous(y), native.contiguous(G)
     (rp, rs, rk), (pp, ps, pk) = _coef(res, n * n), _coef(post, n)
     lead = H.shape[:-2]
@@ -68,8 +69,7 @@ def streams_write_backward(lib, res: Tensor, post: Tensor, H: Tensor, y: Tensor,
 
 def streams_read_backward(lib, c0: Tensor, H: Tensor, gx: Tensor, acc: Tensor | None):
     """(gc0 [.., n], gH = acc + c0 (outer) gx, written into acc where given)."""
-    n, D = H.shape[-2:]
-    N = H.numel() // (n * D)
+    N, n, D = _dims(H)
     H, gx = native.contiguous(H), native.contiguous(gx)
     cp, cs, ck = _coef(c0, n)
     gc0 = torch.empty(*H.shape[:-2], n, dtype=torch.float32)

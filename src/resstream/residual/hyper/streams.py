@@ -154,26 +154,27 @@ class Streams(ResidualStream):
         return state["x"], None
 
     def write(self, state: State, l: int, y: Tensor) -> State:
+        H = self._native_write(state, y) if state.get("pending") is not None else self._batched_write(state, y)
+        if l + 1 < self.n_sublayers:
+            return self._prepare(state, H, l + 1)
+        return {**state, "l": None, "x": None, "carry": None, "res": None, "post": None, "H": H, "pending": None}
+
+    def _native_write(self, state: State, y: Tensor) -> Tensor:
+        res, post, H, y = state["res"], state["post"], state["H"], y.to(torch.float32)
+        if native.eligible(y):
+            return StreamWrite.apply(res, post, H, y, state["pending"])
+        # y a tensor subclass (tensor parallelism's outputs): the same formula in torch ops
+        return torch.matmul(res, H) + post.unsqueeze(-1) * y.unsqueeze(-2)
+
+    def _batched_write(self, state: State, y: Tensor) -> Tensor:
         carry, post = state["carry"], state["post"]
-        if state.get("pending") is not None:
-            res, H, y = state["res"], state["H"], y.to(torch.float32)
-            if native.eligible(y):
-                H = StreamWrite.apply(res, post, H, y, state["pending"])
-            else:  # y a tensor subclass (tensor parallelism's outputs): the same formula in torch ops
-                H = torch.matmul(res, H) + post.unsqueeze(-1) * y.unsqueeze(-2)
-            if l + 1 < self.n_sublayers:
-                return self._prepare(state, H, l + 1)
-            return {**state, "l": None, "x": None, "res": None, "post": None, "H": H, "pending": None}
         *lead, n, D = carry.shape
         # H = carry + post (outer) y as one fused batched matmul-add per token: its backward
         # is two batched matmuls instead of broadcast products and reductions.
         # In the dtype of carry + y (float32 under autocast: see base.outside_autocast).
         dt = torch.promote_types(carry.dtype, y.dtype)
         H = torch.baddbmm(carry.flatten(0, -3).to(dt), post.view(-1, n, 1).to(dt), y.reshape(-1, 1, D).to(dt))
-        H = H.view(*lead, n, D)
-        if l + 1 < self.n_sublayers:
-            return self._prepare(state, H, l + 1)
-        return {**state, "l": None, "x": None, "carry": None, "post": None, "H": H}
+        return H.view(*lead, n, D)
 
     def finish_weighted(self, state: State) -> tuple[Tensor, None]:
         return state["H"].sum(-2), None
