@@ -50,6 +50,39 @@ def test_mixtures_and_dots_match_eager(n):
     assert _close(*_both(lambda: fused.dots_many(gs, vs)))
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 9])
+def test_softmax_read_matches_float64(n):
+    """Full's read (rs_softmax_mix: its own vectorised exp, sources four at a time) against the
+    softmax and mixture in float64, with logits from -200 to 60 (underflow, one dominating)."""
+    N, D = 70, 37  # not a whole number of tiles or vectors
+    vs = [torch.randn(N, D) for _ in range(n)]
+    z = [torch.randn(N) * 40 - 20 for _ in range(n)]
+    z[0][:5] = torch.tensor([-200.0, 60.0, 0.0, -87.5, 88.0])
+    x, alpha = native.softmax_mix(native.library()[0], z, vs)
+    a64 = torch.softmax(torch.stack(z, -1).double(), -1)
+    x64 = sum(a64[:, j : j + 1] * vs[j].double() for j in range(n))
+    assert alpha.shape == (N, n) and (alpha.double() - a64).abs().max() < 1e-6
+    assert rel_err(x.double(), x64) < 1e-6
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 6])
+def test_source_backward_matches_its_formula(M):
+    """rs_source_backward (readers four at a time) against its formula in float64."""
+    N, D = 50, 21
+    lib = native.library()[0]
+    v, r, Q, direct = torch.randn(N, D), torch.rand(N) + 0.5, torch.randn(M + 2, D), torch.randn(N, D)
+    z = [torch.randn(N) for _ in range(M)]
+    readers = [(torch.rand(N), torch.randn(N, D), torch.randn(N), m + 1) for m in range(M)]
+    for d in (direct, None):
+        gv, dz = native.source_backward(lib, v, r, z, readers, Q, d)
+        f = lambda t: t.double()  # noqa: E731
+        dz64 = torch.stack([f(a) * ((f(g) * f(v)).sum(-1) - f(gx)) for a, g, gx, _ in readers])
+        gv64 = (f(d) if d is not None else 0) + sum(f(a)[:, None] * f(g) for a, g, _, _ in readers)
+        gv64 = gv64 + f(r)[:, None] * (dz64.t() @ f(Q[1 : M + 1]))
+        gv64 = gv64 - (f(r) ** 2 * (dz64 * torch.stack([f(c) for c in z])).sum(0) / D)[:, None] * f(v)
+        assert dz.shape == (M, N) and rel_err(dz.double(), dz64) < 1e-5 and rel_err(gv.double(), gv64) < 1e-5
+
+
 def test_odd_layouts_are_read_right():
     """A stride-0 gradient (sum().backward()), a transposed tensor, weights with a token stride."""
     v = torch.randn(B, T, D)

@@ -39,7 +39,7 @@ _P = ctypes.c_void_p
 _L, _I, _F = ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "rs_mix": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _I],
-    "rs_softmax_mix": [_L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _I],
+    "rs_softmax_mix": [_L, _L, _I, _P, _P, _P, _P, _I],
     "rs_phase1_backward": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _P, _I],
     "rs_dots": [_L, _L, _I, _I, _P, _P, _P, _I],
     "rs_merge_forward": [_L, _L, _P, _P, _P, _P, _F, _P, _P, _P, _P, _I],
@@ -50,7 +50,7 @@ _SIGNATURES = {
     "rs_streams_read_backward": [_L, _L, _I, _P, _L, _P, _P, _P, _P, _P, _I],
     "rs_sinkhorn": [_L, _I, _I, _P, _P, _I],
     "rs_sinkhorn_backward": [_L, _I, _I, _P, _P, _P, _I],
-    "rs_source_backward": [_L, _L, _I, _P, _P, _P, _L, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
+    "rs_source_backward": [_L, _L, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I],
 }
 SMALL = 1 << 15  # below this many floats touched, one thread (starting the team costs more)
 _lib: dict[str, object] = {}
@@ -205,16 +205,16 @@ def mix(lib, weights: list[list[Tensor]], values, accs=None) -> list[Tensor]:
 
 
 def softmax_mix(lib, z: list[Tensor], values) -> tuple[Tensor, Tensor]:
-    """(x, alpha): alpha = softmax over the logit columns z (n per-token columns, any strides),
-    x = sum_j alpha[..., j] values[j], in one pass (x bitwise as mix() would make it from alpha)."""
+    """(x, alpha): alpha = softmax over the logit columns z (n per-token columns), x = sum_j
+    alpha[..., j] values[j], in one pass (x bitwise as mix() would make it from alpha). alpha is
+    a view [..., n] of n contiguous columns (each reader's column of a source is contiguous)."""
     N, D = _shape(values[0])
     n = len(values)
-    alpha = torch.empty(*values[0].shape[:-1], n, dtype=torch.float32)
+    alpha = torch.empty(n, *values[0].shape[:-1], dtype=torch.float32)
     x = torch.empty(values[0].shape, dtype=torch.float32)
-    (vp, vk), (zp, zs, zk) = _ptrs(values), _columns(z)
-    ap, as_, ak = _columns([alpha[..., j] for j in range(n)])  # where the kernel reads alpha back
-    lib.rs_softmax_mix(N, D, n, vp, zp, zs, alpha.data_ptr(), ap, as_, x.data_ptr(), threads(N * D * (n + 1)))
-    return x, alpha
+    (vp, vk), (zp, zk) = _ptrs(values), _ptrs(z)
+    lib.rs_softmax_mix(N, D, n, vp, zp, alpha.data_ptr(), x.data_ptr(), threads(N * D * (n + 1)))
+    return x, alpha.movedim(0, -1)
 
 
 def rows(A: Tensor) -> list[list[Tensor]]:
@@ -267,24 +267,22 @@ def merge_backward(lib, gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, 
     return go, gp, dz, parts.sum(0)
 
 
-def source_backward(lib, v: Tensor, r: Tensor, c: Tensor, cols: list[int], readers: list[tuple], q: Tensor,
+def source_backward(lib, v: Tensor, r: Tensor, z: list[Tensor], readers: list[tuple], q: Tensor,
                     direct: Tensor | None) -> tuple[Tensor, Tensor]:
     """Full AttnRes: source v's whole gradient from its readers (see rs_source_backward):
-    ``readers`` (weight column, g, <g, x>, query row) each; c [..., C] v's logits, ``cols`` the
-    column of each reader's row; q the effective queries [rows, D]. Returns (gv, dz [..., M])."""
+    ``readers`` (weight column, g, <g, x>, query row) each; z v's logit column for each reader's
+    row; q the effective queries [rows, D]. Returns (gv, dz [M, ...])."""
     N, D = _shape(v)
     M = len(readers)
-    v, r, c, q = contiguous(v), contiguous(r), contiguous(c), contiguous(q)
+    v, r, q = contiguous(v), contiguous(r), contiguous(q)
     direct = None if direct is None else contiguous(direct)
-    wp, ws, wk = _columns([a for a, _, _, _ in readers])
+    (zp, zk), (ap, ak) = _ptrs(z), _ptrs([a for a, _, _, _ in readers])
     gp, gk = _ptrs([g for _, g, _, _ in readers])
     xp, xk = _ptrs([gx for _, _, gx, _ in readers])
     qp = (_P * M)(*[q.data_ptr() + 4 * row * q.stride(0) for _, _, _, row in readers])
     gv = torch.empty(v.shape, dtype=torch.float32)
-    dz = torch.empty(*v.shape[:-1], M, dtype=torch.float32)
-    lib.rs_source_backward(N, D, M, v.data_ptr(), r.data_ptr(), c.data_ptr(), c.shape[-1], (_I * M)(*cols), gp,
-                           wp, ws, xp, qp,
+    dz = torch.empty(M, *v.shape[:-1], dtype=torch.float32)
+    lib.rs_source_backward(N, D, M, v.data_ptr(), r.data_ptr(), zp, gp, ap, xp, qp,
                            None if direct is None else direct.data_ptr(), gv.data_ptr(), dz.data_ptr(),
                            threads(N * D * (M + 2)))
     return gv, dz
-

@@ -33,27 +33,32 @@ static long tile_tokens(long D)
         for (long t0 = k_ * TT_, t1 = t0 + TT_ < (N) ? t0 + TT_ : (N), once_ = 1; once_; once_ = 0)
 
 /* One output over tokens [t0, t1): o = acc + sum_j w[j][t * ws[j]] v[j][t] (acc may be NULL or o).
- * The one mixing loop of every kernel here, so that a mixture recomputed by another kernel is
- * bitwise the same. */
+ * Sources go four at a time (o += c0 v0 + c1 v1 + c2 v2 + c3 v3: one pass over the output row
+ * per four source rows). The one mixing loop of every kernel here, so that a mixture recomputed
+ * by another kernel is bitwise the same. */
 static inline void mix_tile(long D, int n, const float **v, const float **w, const long *ws, const float *a,
                             float *out, long t0, long t1)
 {
-    for (int j = 0; j < n; j++) {
-        const float *vj = v[j];
+    for (int j = 0; j < n; j += 4) {
+        const int m = n - j < 4 ? n - j : 4;
+        /* a group of fewer than four repeats its last source with weight 0 */
+        const float *v0 = v[j], *v1 = v[j + (m > 1)], *v2 = v[j + (m > 2 ? 2 : m - 1)], *v3 = v[j + m - 1];
         for (long t = t0; t < t1; t++) {
-            float *o = out + t * D;
-            const float *vt = vj + t * D;
-            const float c = w[j][t * ws[j]];
-            if (j > 0) {
+            float *restrict o = out + t * D;
+            const float *restrict r0 = v0 + t * D, *restrict r1 = v1 + t * D, *restrict r2 = v2 + t * D,
+                        *restrict r3 = v3 + t * D;
+            const float c0 = w[j][t * ws[j]], c1 = m > 1 ? w[j + 1][t * ws[j + 1]] : 0.0f,
+                        c2 = m > 2 ? w[j + 2][t * ws[j + 2]] : 0.0f, c3 = m > 3 ? w[j + 3][t * ws[j + 3]] : 0.0f;
+            if (j > 0 || (a && a == out)) {
                 _Pragma("omp simd")
-                for (long d = 0; d < D; d++) o[d] += c * vt[d];
+                for (long d = 0; d < D; d++) o[d] += ((c0 * r0[d] + c1 * r1[d]) + (c2 * r2[d] + c3 * r3[d]));
             } else if (a) {
-                const float *at = a + t * D;
+                const float *restrict at = a + t * D;
                 _Pragma("omp simd")
-                for (long d = 0; d < D; d++) o[d] = at[d] + c * vt[d];
+                for (long d = 0; d < D; d++) o[d] = at[d] + ((c0 * r0[d] + c1 * r1[d]) + (c2 * r2[d] + c3 * r3[d]));
             } else {
                 _Pragma("omp simd")
-                for (long d = 0; d < D; d++) o[d] = c * vt[d];
+                for (long d = 0; d < D; d++) o[d] = ((c0 * r0[d] + c1 * r1[d]) + (c2 * r2[d] + c3 * r3[d]));
             }
         }
     }
@@ -71,23 +76,70 @@ void rs_mix(long N, long D, int n, int S, const float **v, const float **w, cons
     }
 }
 
-/* A read of Full AttnRes in one pass: alpha[t, :] = softmax_j z[j][t * zs[j]] (written, [N, n]),
- * x = sum_j alpha[t, j] v[j][t] (the mixing loop of rs_mix). */
-void rs_softmax_mix(long N, long D, int n, const float **v, const float **z, const long *zs, float *alpha,
-                    const float **wcols, const long *wstr, float *x, int nt)
+/* exp(x), to about 1 ulp, for x <= 0 (a softmax's z - max; below -87 it gives about 1e-38
+ * instead of a denormal or 0), written so that the compiler vectorises a loop over it: x = n ln2 +
+ * f with |f| <= ln2 / 2, exp(f) by its Taylor series to degree 7, 2^n from the exponent bits. */
+static inline float exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    const float shift = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    const float k = (x * 1.44269504f + shift) - shift;
+    const float f = (x - k * 0.693145752f) - k * 1.42860677e-6f;  /* ln 2 in two parts */
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    union { int i; float f; } two_k = { .i = ((int)k + 127) << 23 };
+    return p * two_k.f;
+}
+
+#define SOFTMAX_CHUNK 256
+
+/* A read of Full AttnRes in one pass: alpha[j] = softmax_j z[j] per token (z: n contiguous
+ * per-token logit columns; alpha written as n contiguous columns, [n, N]),
+ * x = sum_j alpha[j][t] v[j][t] (the mixing loop of rs_mix). */
+void rs_softmax_mix(long N, long D, int n, const float **v, const float **z, float *alpha, float *x, int nt)
 {
     FOR_TILES(N, D, t0, t1) {
-        for (long t = t0; t < t1; t++) {
-            float *at = alpha + t * n, mx = z[0][t * zs[0]], sum = 0.0f;
-            for (int j = 1; j < n; j++) mx = z[j][t * zs[j]] > mx ? z[j][t * zs[j]] : mx;
-            for (int j = 0; j < n; j++) {
-                at[j] = expf(z[j][t * zs[j]] - mx);
-                sum += at[j];
+        for (long c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
+            const long m = t1 - c0 < SOFTMAX_CHUNK ? t1 - c0 : SOFTMAX_CHUNK;
+            float mx[SOFTMAX_CHUNK], sum[SOFTMAX_CHUNK];
+            for (long t = 0; t < m; t++) {
+                mx[t] = z[0][c0 + t];
+                sum[t] = 0.0f;
             }
-            const float inv = 1.0f / sum;
-            for (int j = 0; j < n; j++) at[j] *= inv;
+            for (int j = 1; j < n; j++) {
+                const float *zj = z[j] + c0;
+                _Pragma("omp simd")
+                for (long t = 0; t < m; t++) mx[t] = zj[t] > mx[t] ? zj[t] : mx[t];
+            }
+            for (int j = 0; j < n; j++) {
+                const float *zj = z[j] + c0;
+                float *aj = alpha + j * N + c0;
+                _Pragma("omp simd")
+                for (long t = 0; t < m; t++) {
+                    aj[t] = exp_nonpositive(zj[t] - mx[t]);
+                    sum[t] += aj[t];
+                }
+            }
+            for (long t = 0; t < m; t++) sum[t] = 1.0f / sum[t];
+            for (int j = 0; j < n; j++) {
+                float *aj = alpha + j * N + c0;
+                _Pragma("omp simd")
+                for (long t = 0; t < m; t++) aj[t] *= sum[t];
+            }
         }
-        mix_tile(D, n, v, wcols, wstr, NULL, x, t0, t1);  /* wcols[j] = alpha + j, wstr[j] = n */
+        const float *cols[n];
+        long ones[n];
+        for (int j = 0; j < n; j++) {
+            cols[j] = alpha + j * N;
+            ones[j] = 1;
+        }
+        mix_tile(D, n, v, cols, ones, NULL, x, t0, t1);
     }
 }
 
@@ -206,55 +258,68 @@ void rs_merge_backward(long N, long D, const float *restrict gx, const float *re
 
 /* Full AttnRes / depth_swa: the whole gradient of one source v (see attnres/source_grad.py), once
  * every reader of it has run its backward. Reader m (a mixture x_m = sum_i alpha_m,i v_i read by
- * query row q_m, with output gradient g_m) gave a[m] (its weight column for v, token stride
- * as[m]), g[m] and gx[m][t] = <g_m, x_m>; c[t * C + col[m]] is v's logit for that row and
- * r[t] = 1/RMS(v). Per token:
+ * query row q_m, with output gradient g_m) gave a[m] (its weight column for v), g[m] and
+ * gx[m][t] = <g_m, x_m>; z[m] is v's logit column for that row and r[t] = 1/RMS(v) (every
+ * column contiguous over the tokens). Per token:
  *   dz_m = a_m (<g_m, v> - gx_m)                       (softmax backward, the logit's gradient)
  *   gv   = direct + sum_m a_m g_m                      (the value path)
- *        + r sum_m dz_m q_m - (r^2 / D)(sum_m dz_m c_m) v   (the normalised-key path)
- * Writes gv [N, D] and dz [N, M] (the caller forms the queries' gradient from dz, r and v). */
-void rs_source_backward(long N, long D, int M, const float *v, const float *r, const float *c, long C,
-                        const int *col, const float **g, const float **a, const long *as, const float **gx,
-                        const float **q, const float *direct, float *gv, float *dz, int nt)
+ *        + r sum_m dz_m q_m - (r^2 / D)(sum_m dz_m z_m) v   (the normalised-key path)
+ * Readers go four at a time (one pass over gv's row per four gradient rows). Writes gv [N, D]
+ * and dz as M contiguous columns [M, N] (the caller forms the queries' gradient from dz, r, v). */
+void rs_source_backward(long N, long D, int M, const float *v, const float *r, const float **z, const float **g,
+                        const float **a, const float **gx, const float **q, const float *direct, float *gv,
+                        float *dz, int nt)
 {
     FOR_TILES(N, D, t0, t1) {
-        for (long t = t0; t < t1; t++) {  /* the value path starts from the direct gradient */
-            float *restrict o = gv + t * D;
-            const float *restrict dt = direct ? direct + t * D : NULL;
-            if (dt) {
-                for (long d = 0; d < D; d++) o[d] = dt[d];
-            } else {
-                for (long d = 0; d < D; d++) o[d] = 0.0f;
-            }
-        }
-        for (int m = 0; m < M; m++) {
-            const float *restrict gm = g[m];
+        for (int m = 0; m < M; m += 4) {
+            const int k = M - m < 4 ? M - m : 4;  /* a group of fewer repeats its last reader, weight 0 */
+            const int i1 = m + (k > 1), i2 = m + (k > 2 ? 2 : k - 1), i3 = m + k - 1;
             for (long t = t0; t < t1; t++) {
-                const float *restrict gt = gm + t * D, *restrict vt = v + t * D;
-                float *restrict o = gv + t * D;
-                const float am = a[m][t * as[m]];
-                float dot = 0.0f;
-                _Pragma("omp simd reduction(+:dot)")
-                for (long d = 0; d < D; d++) {  /* one read of g's row for both */
-                    dot += gt[d] * vt[d];
-                    o[d] += am * gt[d];
+                const float *restrict g0 = g[m] + t * D, *restrict g1 = g[i1] + t * D, *restrict g2 = g[i2] + t * D,
+                            *restrict g3 = g[i3] + t * D, *restrict vt = v + t * D;
+                float *o = gv + t * D;  /* may be base (m > 0): omp simd, not restrict, says it is safe */
+                const float a0 = a[m][t], a1 = k > 1 ? a[i1][t] : 0.0f, a2 = k > 2 ? a[i2][t] : 0.0f,
+                            a3 = k > 3 ? a[i3][t] : 0.0f;
+                float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+                const float *base = m > 0 ? o : direct ? direct + t * D : NULL;
+                if (base) {
+                    _Pragma("omp simd reduction(+:d0, d1, d2, d3)")
+                    for (long d = 0; d < D; d++) {  /* one read of each g row for both */
+                        d0 += g0[d] * vt[d];
+                        d1 += g1[d] * vt[d];
+                        d2 += g2[d] * vt[d];
+                        d3 += g3[d] * vt[d];
+                        o[d] = base[d] + ((a0 * g0[d] + a1 * g1[d]) + (a2 * g2[d] + a3 * g3[d]));
+                    }
+                } else {
+                    _Pragma("omp simd reduction(+:d0, d1, d2, d3)")
+                    for (long d = 0; d < D; d++) {
+                        d0 += g0[d] * vt[d];
+                        d1 += g1[d] * vt[d];
+                        d2 += g2[d] * vt[d];
+                        d3 += g3[d] * vt[d];
+                        o[d] = (a0 * g0[d] + a1 * g1[d]) + (a2 * g2[d] + a3 * g3[d]);
+                    }
                 }
-                dz[t * M + m] = am * (dot - gx[m][t]);
+                const float dots[4] = {d0, d1, d2, d3}, as[4] = {a0, a1, a2, a3};
+                for (int i = 0; i < k; i++) dz[(m + i) * N + t] = as[i] * (dots[i] - gx[m + i][t]);
             }
         }
-        for (long t = t0; t < t1; t++) {  /* the key path: r sum_m dz_m q_m - (r^2/D)(sum_m dz_m c_m) v */
-            const float *restrict zt = dz + t * M, *restrict ct = c + t * C, *restrict vt = v + t * D;
+        for (long t = t0; t < t1; t++) {  /* the key path: r sum_m dz_m q_m - (r^2/D)(sum_m dz_m z_m) v */
+            const float *restrict vt = v + t * D;
             float *restrict o = gv + t * D;
             float sdc = 0.0f;
-            for (int m = 0; m < M; m++) sdc += zt[m] * ct[col[m]];
+            for (int m = 0; m < M; m++) sdc += dz[m * N + t] * z[m][t];
             const float rt = r[t], coef = rt * rt * sdc / (float)D;
-            _Pragma("omp simd")
-            for (long d = 0; d < D; d++) o[d] -= coef * vt[d];
-            for (int m = 0; m < M; m++) {
-                const float w = rt * zt[m];
-                const float *restrict qm = q[m];
+            for (int m = 0; m < M; m += 4) {
+                const int k = M - m < 4 ? M - m : 4;
+                const float *restrict q0 = q[m], *restrict q1 = q[m + (k > 1)], *restrict q2 = q[m + (k > 2 ? 2 : k - 1)],
+                            *restrict q3 = q[m + k - 1];
+                const float w0 = rt * dz[m * N + t], w1 = k > 1 ? rt * dz[(m + 1) * N + t] : 0.0f,
+                            w2 = k > 2 ? rt * dz[(m + 2) * N + t] : 0.0f, w3 = k > 3 ? rt * dz[(m + 3) * N + t] : 0.0f;
+                const float cv = m == 0 ? coef : 0.0f;
                 _Pragma("omp simd")
-                for (long d = 0; d < D; d++) o[d] += w * qm[d];
+                for (long d = 0; d < D; d++) o[d] += ((w0 * q0[d] + w1 * q1[d]) + (w2 * q2[d] + w3 * q3[d])) - cv * vt[d];
             }
         }
     }

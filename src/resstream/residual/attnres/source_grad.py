@@ -57,11 +57,11 @@ class KeyedSource(torch.autograd.Function):
         readers = sums.readers.pop(ctx.i, [])
         if not readers:
             return g, None, None, None
-        gv, dz = native.source_backward(sums.lib, v, r, c, [row - row0 for *_, row in readers], readers,
+        gv, dz = native.source_backward(sums.lib, v, r, [c[row - row0] for *_, row in readers], readers,
                                         Q.detach(), g)
         D = v.shape[-1]
         rows = torch.tensor([row for *_, row in readers])
-        gq_rows = (dz * r.unsqueeze(-1)).reshape(-1, len(readers)).t() @ v.reshape(-1, D)
+        gq_rows = (dz * r).reshape(len(readers), -1) @ v.reshape(-1, D)
         gQ = torch.zeros_like(Q).index_add_(0, rows, gq_rows.to(Q.dtype))
         return gv, gQ, None, None
 
@@ -72,9 +72,10 @@ def keyed_source(v: Tensor, Q: Tensor, sums: KeyedSums, i: int, row0: int, eps: 
     with torch.no_grad():
         vd, q = v.detach(), Q.detach()[row0:]
         r = torch.rsqrt(torch.linalg.vector_norm(vd, dim=-1).square() / v.shape[-1] + eps)
-        c = (vd @ q.t()) * r.unsqueeze(-1)
+        # one contiguous column per query row: [rows, ...] (what the kernels read per token)
+        c = ((q @ vd.reshape(-1, v.shape[-1]).t()) * r.reshape(-1)).view(len(q), *v.shape[:-1])
     sums.keys[i] = (vd, r, c, row0)
-    return KeyedSource.apply(v, Q, sums, i), c.unbind(-1)
+    return KeyedSource.apply(v, Q, sums, i), c.unbind(0)
 
 
 class KeyedRead(torch.autograd.Function):
