@@ -112,7 +112,7 @@ def test_shared_mixture_helpers_keep_their_meaning():
 CASES = [
     ("attnres", {}, 4),
     ("attnres", {"recompute": True}, 3),
-    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True)],
+    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True, "auto", 1)],
     ("block_attnres", {"block_size": 7, "recompute": True}, 5),  # L = 10: one full block, one short
     ("block_attnres", {"block_size": 4, "key_norm_learnable": False}, 3),
 ]
@@ -128,14 +128,15 @@ def test_fast_path_matches_reference(kind, opts, layers, dtype, tol):
         assert rel_err(w, w_ref) < tol
 
 
-RECOMPUTE = [("attnres", {}), *[("block_attnres", {"block_size": s}) for s in (1, 3, 4)]]
+RECOMPUTE = [("attnres", {}, True), *[("block_attnres", {"block_size": s}, r) for s in (1, 3, 4) for r in (True, "auto")],
+             ("block_attnres", {"block_size": 4}, 3)]
 
 
-@pytest.mark.parametrize("kind,opts", RECOMPUTE, ids=[f"{k}-{o}" for k, o in RECOMPUTE])
-def test_recompute_gives_equal_gradients(kind, opts):
-    base = LM(tiny_cfg(kind, n_layers=4, **opts))
+@pytest.mark.parametrize("kind,opts,recompute", RECOMPUTE, ids=[f"{k}-{o}-{r}" for k, o, r in RECOMPUTE])
+def test_recompute_gives_equal_gradients(kind, opts, recompute):
+    base = LM(tiny_cfg(kind, n_layers=4, recompute=False, **opts))
     randomize_residual(base)
-    re = LM(tiny_cfg(kind, n_layers=4, recompute=True, **opts))
+    re = LM(tiny_cfg(kind, n_layers=4, recompute=recompute, **opts))
     re.load_state_dict(base.state_dict())
     idx = torch.randint(0, 61, (2, 9))
     out = []
@@ -152,6 +153,14 @@ def test_recompute_rejected_for_kinds_without_it():
     with pytest.raises(ConfigError, match="recompute"):
         ResidualConfig(kind="prenorm", recompute=True)
     assert ResidualConfig(kind="block_attnres", recompute=True).recompute
+    assert ResidualConfig(kind="block_attnres").recompute == "auto"
+    for bad in ("sometimes", -1, 1.5):
+        with pytest.raises(ConfigError, match="recompute"):
+            ResidualConfig(kind="block_attnres", recompute=bad)
+    # "auto" (the default) is nothing on the ablations' plain path; asking for more is an error
+    assert ResidualConfig(kind="block_attnres", score="sigmoid").recompute == "auto"
+    with pytest.raises(ConfigError, match="ablation"):
+        ResidualConfig(kind="block_attnres", score="sigmoid", recompute=2)
 
 
 # ----------------------------------------------------------------------------- pseudo-queries
@@ -207,8 +216,13 @@ def test_saved_activations():
     idx = torch.randint(0, 61, (B, T))
     pre = _bytes_kept_by_forward(LM(cfg("prenorm")), idx)
     for kind, opts in [("attnres", {}), ("block_attnres", {"block_size": 2}), ("block_attnres", {"block_size": 4})]:
-        kept = _bytes_kept_by_forward(LM(cfg(kind, **opts)), idx)
+        kept = _bytes_kept_by_forward(LM(cfg(kind, recompute=False, **opts)), idx)
         lean = _bytes_kept_by_forward(LM(cfg(kind, recompute=True, **opts)), idx)
         assert kept - pre <= (L + 1.5) * act, (kind, opts, (kept - pre) / act)
         assert kept - lean >= (L - 1.5) * act, (kind, opts, (kept - lean) / act)
         assert lean - pre <= 2.5 * act, (kind, opts, (lean - pre) / act)
+    # Block's default recomputes the first two inputs of every block (not the embedding, a source)
+    for S, n_recomputed in [(2, L - 1), (4, 3)]:
+        default = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S)), idx)
+        kept = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S, recompute=False)), idx)
+        assert abs((kept - default) / act - n_recomputed) < 0.5, (S, (kept - default) / act)

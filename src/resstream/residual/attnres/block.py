@@ -36,16 +36,36 @@ from resstream.residual.attnres.variants import AblationBlock, SwitchesToAblatio
 from resstream.residual.base import Boundary, State, register
 
 
+# The inputs "auto" recomputes per block: each costs one mixture of the completed blocks in
+# backward (and a merge), and together they bring Block's peak memory near PreNorm's.
+AUTO_RECOMPUTED = 2
+
+
 @dataclass
 class BlockOptions(FullOptions):
     """Block AttnRes: block_size S sublayers per block (S = 1 is Full AttnRes), and Full's options
-    (the key norm, ``recompute``, Table 4's ablations: query, score, key_norm, heads)."""
+    (the key norm, Table 4's ablations: query, score, key_norm, heads). ``recompute``: the
+    sublayer inputs recomputed in backward instead of kept (bitwise the same): true (all), false
+    (none), k (the first k of every block), "auto" (the first 2 of every block; none on the
+    ablation path)."""
 
     block_size: int = 4
+    recompute: bool | int | str = "auto"
 
     def validate(self) -> None:
+        rc = self.recompute
+        require(isinstance(rc, bool) or rc == "auto" or (isinstance(rc, int) and rc >= 0),
+                f"model.residual.recompute: true, false, \"auto\" or a number of inputs per block >= 0, got {rc!r}")
         super().validate()
         require(self.block_size >= 1, f"model.residual.block_size: must be >= 1 (sublayers per block), got {self.block_size}")
+
+    def recompute_requested(self) -> bool:
+        return self.recompute not in (False, 0, "auto")
+
+    def recomputed_per_block(self) -> int:
+        """How many inputs of each block are recomputed (block_size or more: all)."""
+        rc = self.recompute
+        return AUTO_RECOMPUTED if rc == "auto" else self.block_size if rc is True else int(rc)
 
 
 @register("block_attnres", options=BlockOptions, reference=block_attnres_reference)
@@ -95,7 +115,7 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
         # Phase 2: merge the partial sum into the phase-1 softmax (online-softmax identity).
         p, q = state["partial"], state["q"][l]
         # with recompute, phase 2 keeps phase 1's weights row and the blocks instead of x
-        recompute = self.options.recompute
+        recompute = self.recomputes(l)
         extra = (alpha[..., i, :], *state["blocks"]) if recompute else (None,)
         return Phase2.apply(o[i], p, q, lse[..., i], self.eps, recompute, *extra)
 
@@ -134,6 +154,9 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
         L = self.n_sublayers  # block j's columns start at row min(j*S, L): the last may be short
         z = [cols[L - min(j * self.S, L)] for j, cols in enumerate(state["logits"])]
         return softmax_mixture(z, state["blocks"], state["sums"])
+
+    def recomputes(self, l: int) -> bool:
+        return l % self.S < self.options.recomputed_per_block()
 
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is b for b in state["blocks"])

@@ -72,11 +72,16 @@ class RecomputesInput:
 
     supports_recompute: ClassVar[bool] = True
 
+    def recomputes(self, l: int) -> bool:
+        """Whether sublayer l's input is recomputed in backward rather than kept."""
+        return bool(self.options.recompute)
+
     def input_hooks(self, state: State, l: int, x: Tensor) -> AbstractContextManager:
-        """With ``recompute``: a context for running sublayer l on x = read(state, l), under which
-        autograd keeps x as a recipe instead of a tensor (x is recomputed from the sources in
-        backward, bitwise the same). Without, or when x is itself a source, a no-op context."""
-        if not (self.options.recompute and torch.is_grad_enabled() and x.requires_grad) or self._is_source(state, x):
+        """Where sublayer l's input is recomputed: a context for running sublayer l on
+        x = read(state, l), under which autograd keeps x as a recipe instead of a tensor (x is
+        recomputed from the sources in backward, bitwise the same). Elsewhere, or when x is
+        itself a source, a no-op context."""
+        if not (self.recomputes(l) and torch.is_grad_enabled() and x.requires_grad) or self._is_source(state, x):
             return nullcontext()
         return recompute_hooks(x, self._input_recipe(state, l))
 
