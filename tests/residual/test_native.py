@@ -71,13 +71,15 @@ def test_source_backward_matches_its_formula(M):
     N, D = 50, 21
     lib = native.library()[0]
     v, r, Q, direct = torch.randn(N, D), torch.rand(N) + 0.5, torch.randn(M + 2, D), torch.randn(N, D)
-    z = [torch.randn(N) for _ in range(M)]
-    readers = [(torch.rand(N), torch.randn(N, D), torch.randn(N), m + 1) for m in range(M)]
+    c = torch.randn(M + 1, N)  # v's logit columns (rows 1.. read here), as keyed_source lays them out
+    z = [c[m + 1] for m in range(M)]
+    alpha = torch.rand(3, N).movedim(0, -1)  # weights as softmax_mix returns them; column 1 is v's
+    readers = [((alpha, 1), torch.randn(N, D), torch.randn(N), m + 1) for m in range(M)]
     for d in (direct, None):
-        gv, dz = native.source_backward(lib, v, r, z, readers, Q, d)
+        gv, dz = native.source_backward(lib, v, r, (c, list(range(1, M + 1))), readers, Q, d)
         f = lambda t: t.double()  # noqa: E731
-        dz64 = torch.stack([f(a) * ((f(g) * f(v)).sum(-1) - f(gx)) for a, g, gx, _ in readers])
-        gv64 = (f(d) if d is not None else 0) + sum(f(a)[:, None] * f(g) for a, g, _, _ in readers)
+        dz64 = torch.stack([f(a[..., k]) * ((f(g) * f(v)).sum(-1) - f(gx)) for (a, k), g, gx, _ in readers])
+        gv64 = (f(d) if d is not None else 0) + sum(f(a[..., k])[:, None] * f(g) for (a, k), g, _, _ in readers)
         gv64 = gv64 + f(r)[:, None] * (dz64.t() @ f(Q[1 : M + 1]))
         gv64 = gv64 - (f(r) ** 2 * (dz64 * torch.stack([f(c) for c in z])).sum(0) / D)[:, None] * f(v)
         assert dz.shape == (M, N) and rel_err(dz.double(), dz64) < 1e-5 and rel_err(gv.double(), gv64) < 1e-5

@@ -267,16 +267,20 @@ def merge_backward(lib, gx: Tensor, p: Tensor, x: Tensor, q: Tensor, r: Tensor, 
     return go, gp, dz, parts.sum(0)
 
 
-def source_backward(lib, v: Tensor, r: Tensor, z: list[Tensor], readers: list[tuple], q: Tensor,
+def source_backward(lib, v: Tensor, r: Tensor, z: tuple[Tensor, list[int]], readers: list[tuple], q: Tensor,
                     direct: Tensor | None) -> tuple[Tensor, Tensor]:
     """Full AttnRes: source v's whole gradient from its readers (see rs_source_backward):
-    ``readers`` (weight column, g, <g, x>, query row) each; z v's logit column for each reader's
-    row; q the effective queries [rows, D]. Returns (gv, dz [M, ...])."""
+    ``readers`` ((weights [..., n], column), g, <g, x>, query row) each, the weights as
+    softmax_mix returns them; z (c, rows): v's logits c [rows, ...] and the row of c each reader
+    read; q the effective queries [rows, D]. Returns (gv, dz [M, ...])."""
     N, D = _shape(v)
     M = len(readers)
     v, r, q = contiguous(v), contiguous(r), contiguous(q)
     direct = None if direct is None else contiguous(direct)
-    (zp, zk), (ap, ak) = _ptrs(z), _ptrs([a for a, _, _, _ in readers])
+    c, rows = z
+    assert c.is_contiguous() and all(a[0].stride(-1) == N for a, *_ in readers), "column layouts of softmax_mix"
+    zp = (_P * M)(*[c.data_ptr() + 4 * k * N for k in rows])
+    ap = (_P * M)(*[a.data_ptr() + 4 * k * N for (a, k), *_ in readers])
     gp, gk = _ptrs([g for _, g, _, _ in readers])
     xp, xk = _ptrs([gx for _, _, gx, _ in readers])
     qp = (_P * M)(*[q.data_ptr() + 4 * row * q.stride(0) for _, _, _, row in readers])

@@ -29,7 +29,7 @@ from resstream.residual.attnres.kernels import GradSums
 
 class KeyedSums(GradSums):
     """Gradient sums whose sources keep their keys (v, 1/RMS(v), logits) and whose readers leave
-    (weight column, g, <g, x>, row) per source."""
+    ((weights, column), g, <g, x>, row) per source."""
 
     def __init__(self, lib) -> None:
         super().__init__()
@@ -57,7 +57,7 @@ class KeyedSource(torch.autograd.Function):
         readers = sums.readers.pop(ctx.i, [])
         if not readers:
             return g, None, None, None
-        gv, dz = native.source_backward(sums.lib, v, r, [c[row - row0] for *_, row in readers], readers,
+        gv, dz = native.source_backward(sums.lib, v, r, (c, [row - row0 for *_, row in readers]), readers,
                                         Q.detach(), g)
         D = v.shape[-1]
         rows = torch.tensor([row for *_, row in readers])
@@ -98,8 +98,8 @@ class KeyedRead(torch.autograd.Function):
         alpha, *saved = ctx.saved_tensors
         x = _mix(ctx.sums.lib, alpha, saved) if ctx.recompute else saved[0]
         gx = native.dots(ctx.sums.lib, [g], [x])[..., 0, 0]
-        for k, i in enumerate(ctx.ids):
-            ctx.sums.readers.setdefault(i, []).append((alpha[..., k], g, gx, ctx.row))
+        for k, i in enumerate(ctx.ids):  # (weights, which column) rather than a view per source
+            ctx.sums.readers.setdefault(i, []).append(((alpha, k), g, gx, ctx.row))
         return None, None, None, None, None, *([None] * len(ctx.ids))
 
 
