@@ -10,6 +10,7 @@ from helpers import KIND_CASES, assert_matches_reference, case_id, randomize_res
 from resstream import LM, ConfigError, ModelConfig, ResidualConfig
 from resstream.residual.attnres import kernels as K
 from resstream.residual.attnres import phases as P
+from resstream.residual.attnres.recompute import Recipe
 from resstream.residual.attnres.reference import attend
 
 ATTNRES = [c for c in KIND_CASES if c[0] in ("attnres", "block_attnres")]
@@ -74,12 +75,13 @@ def test_phase2_gradcheck_and_online_softmax_identity(recompute):
     a_row = torch.softmax(logits, -1)
     o1 = K.weighted_sum(a_row, blocks)
     p = _rand(2, 3, 8)
-    extra = (a_row, *blocks) if recompute else (None,)
+    # with recompute the backward takes x from a Recipe (rebuilt from (a_row, blocks) and the
+    # unperturbed inputs), as the next norm would share it
+    recipe = Recipe(lambda: P.merge(K.weighted_sum(a_row, blocks), p.detach(), w, lse1, 1e-6)[0]) if recompute else None
 
     def f(o, p, q, lse):
-        return P.Phase2.apply(o, p, q, lse, 1e-6, recompute, *extra)
+        return P.Phase2.apply(o, p, q, lse, 1e-6, recipe)
 
-    # with recompute the backward rebuilds o from (a_row, blocks), so o must be that mixture
     assert torch.autograd.gradcheck(f, (o1.clone().requires_grad_(), p, w.clone().requires_grad_(), lse1.clone().requires_grad_()))
     x_ref, _ = attend(blocks + [p.detach()], w, None, 1e-6)
     assert rel_err(f(o1, p.detach(), w, lse1), x_ref) < 1e-13

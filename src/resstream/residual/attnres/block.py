@@ -18,19 +18,16 @@ merges the running partial sum per sublayer, elementwise, with the online-softma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from resstream.config import require
 from resstream.residual.attnres.full import FullOptions
-from resstream.residual.attnres.fused import mix
 from resstream.residual.attnres.kernels import as_source, normed_logit_columns, softmax_mixture, source_logit, source_rstd
 from resstream.residual.attnres.lean import BlockDecoder
-from resstream.residual.attnres.phases import Phase1, Phase2, merge
+from resstream.residual.attnres.phases import BlockInputs, Phase1, Phase2, merge
 from resstream.residual.attnres.queries import PseudoQueries
-from resstream.residual.attnres.recompute import RecomputesInput
+from resstream.residual.attnres.recompute import Recipe, RecomputesInput
 from resstream.residual.attnres.reference import block_attnres_reference
 from resstream.residual.attnres.variants import AblationBlock, SwitchesToAblation
 from resstream.residual.base import Boundary, State, register
@@ -89,7 +86,15 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
     def init(self, emb: Tensor) -> State:
         q, sums, emb, cols = self.open_sources(emb)
         state = {"blocks": (emb,), "logits": (cols,), "partial": None, "q": q, "sums": sums}
-        return {**state, "phase1": self._phase1(state, 0)}
+        return self._open_block(state, 0)
+
+    def _open_block(self, state: State, l0: int) -> State:
+        """The state with phase 1 done for the block opening at sublayer l0 (and, where some of its
+        inputs are recomputed in backward, their BlockInputs)."""
+        phase1 = self._phase1(state, l0)
+        rows = sum(self.recomputes(l) for l in range(l0, min(l0 + self.S, self.n_sublayers)))
+        inputs = BlockInputs(phase1[2], state["blocks"], rows) if rows and torch.is_grad_enabled() else None
+        return {**state, "phase1": phase1, "inputs": inputs}
 
     def _phase1(self, state: State, l0: int) -> tuple[tuple[Tensor, ...], Tensor, Tensor]:
         """Phase 1 for the block opening at sublayer l0: all its queries over the completed blocks."""
@@ -114,10 +119,9 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
             return o[0]
         # Phase 2: merge the partial sum into the phase-1 softmax (online-softmax identity).
         p, q = state["partial"], state["q"][l]
-        # with recompute, phase 2 keeps phase 1's weights row and the blocks instead of x
-        recompute = self.recomputes(l)
-        extra = (alpha[..., i, :], *state["blocks"]) if recompute else (None,)
-        return Phase2.apply(o[i], p, q, lse[..., i], self.eps, recompute, *extra)
+        # a recomputed input: phase 2 and the next norm share one Recipe instead of keeping x
+        recipe = self._input_recipe(state, l) if self.recomputes(l) and state.get("inputs") else None
+        return Phase2.apply(o[i], p, q, lse[..., i], self.eps, recipe)
 
     def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
         i = l % self.S
@@ -142,10 +146,8 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
         partial = as_source(partial, state["sums"], len(state["blocks"]))
         cols = normed_logit_columns(partial, state["q"][l + 1 :], self.eps)
         state = {**state, "blocks": state["blocks"] + (partial,), "logits": state["logits"] + (cols,),
-                 "partial": None, "phase1": None}
-        if l + 1 < self.n_sublayers:
-            state["phase1"] = self._phase1(state, l + 1)
-        return state
+                 "partial": None, "phase1": None, "inputs": None}
+        return self._open_block(state, l + 1) if l + 1 < self.n_sublayers else state
 
     def inference(self, scratch: dict | None = None) -> BlockDecoder:
         return BlockDecoder(self, {} if scratch is None else scratch)
@@ -161,14 +163,12 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is b for b in state["blocks"])
 
-    def _input_recipe(self, state: State, l: int) -> Callable[[], Tensor]:
-        i, blocks = l % self.S, state["blocks"]
-        _, lse, alpha = state["phase1"]
-        a = alpha[..., i, :].detach()  # small; the phase-1 outputs themselves are not kept
+    def _input_recipe(self, state: State, l: int) -> Recipe:
+        i, inputs = l % self.S, state["inputs"]  # the phase-1 outputs themselves are not kept
         if i == 0:
-            return lambda: mix(a, blocks)
-        p, q, lse_i = state["partial"], state["q"][l].detach(), lse[..., i].detach()
-        return lambda: merge(mix(a, blocks), p, q, lse_i, self.eps)[0]
+            return inputs.recipe(i, lambda: inputs.mixture(0))
+        p, q, lse_i, eps = state["partial"], state["q"][l].detach(), state["phase1"][1][..., i].detach(), self.eps
+        return inputs.recipe(i, lambda: merge(inputs.mixture(i), p, q, lse_i, eps)[0])
 
     def stage_boundary(self, state: State, l: int) -> Boundary:
         # completed blocks never change (history); the open block's partial sum does (fresh)
@@ -180,7 +180,7 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
         blocks = [(j, min(j * self.S, L), L, boundary.history[f"b{j}"]) for j in range(len(boundary.history))]
         q, sums, blocks, logits = self.reopen_sources(blocks, l0)
         state = {"blocks": blocks, "logits": logits, "partial": boundary.fresh.get("partial"), "q": q, "sums": sums}
-        return {**state, "phase1": self._phase1(state, l0)}
+        return self._open_block(state, l0)
 
     def source_names(self, l: int) -> list[str]:
         if l >= self.n_sublayers:

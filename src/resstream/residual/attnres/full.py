@@ -26,7 +26,6 @@ path of variants.py instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -37,7 +36,7 @@ from resstream.residual.attnres.fused import mix
 from resstream.residual.attnres.kernels import GradSums, new_grad_sums, softmax_mixture
 from resstream.residual.attnres.lean import HistoryDecoder
 from resstream.residual.attnres.queries import PseudoQueries, PseudoQueryOptions
-from resstream.residual.attnres.recompute import RecomputeOption, RecomputesInput
+from resstream.residual.attnres.recompute import Recipe, RecomputeOption, RecomputesInput
 from resstream.residual.attnres.reference import attnres_reference
 from resstream.residual.attnres.source_grad import KeyedSums, keyed_read
 from resstream.residual.attnres.variants import AblationFull, AblationOptions, SwitchesToAblation
@@ -142,13 +141,14 @@ class FullAttnRes(SwitchesToAblation, RecomputesInput, SourceHistory):
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is v for v in state["values"])
 
-    def _input_recipe(self, state: State, l: int) -> Callable[[], Tensor]:
+    def _input_recipe(self, state: State, l: int) -> Recipe:
         values = state["values"]
         cols = [c[l - i].detach() for i, c in enumerate(state["logits"])]  # views of kept caches
         if isinstance(state["sums"], KeyedSums):  # the forward's kernel on the same inputs
-            return lambda: native.softmax_mix(state["sums"].lib, cols, values)[0]
+            lib = state["sums"].lib
+            return Recipe(lambda: native.softmax_mix(lib, cols, values)[0])
 
         def recompute() -> Tensor:  # the forward's ops on the same inputs: bitwise the same
             return mix(torch.softmax(torch.stack(cols, dim=-1), dim=-1), values)
 
-        return recompute
+        return Recipe(recompute)

@@ -7,12 +7,15 @@ Both are checked by gradcheck and, inside whole models, against the float64 refe
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from resstream.residual import native
 from resstream.residual.attnres.fused import dots_many, merge_backward, merge_forward, mix, mix_many
 from resstream.residual.attnres.kernels import GradSums
+from resstream.residual.attnres.recompute import Recipe
 from resstream.residual.compiled import native_kernels
 
 
@@ -71,26 +74,49 @@ class Phase2(torch.autograd.Function):
     o is not needed for backward, because dz = gate <g, p - x> for z = s - lse; then ds = dz,
     dlse = -dz, and through the RMS norm, with r = 1 / RMS(p):
         dp += ds r q - ds (r^2 s / D) p,   dq = sum over tokens of ds r p.
-    Saves p, x and per-token scalars. With ``recompute`` it does not keep x (which the next
-    norm then does not keep either, see BlockAttnRes.input_hooks) but phase 1's weights row
-    ``a_row`` and the blocks, and recomputes o and x in backward.
+    Saves p, x and per-token scalars. Given ``recipe`` (residual.recompute: the Recipe that the
+    next norm keeps in place of x, see BlockInputs) it does not keep x but takes it from the
+    recipe in backward: x is recomputed once for both.
     """
 
     @staticmethod
-    def forward(ctx, o, p, q, lse, eps, recompute, a_row, *blocks):
+    def forward(ctx, o, p, q, lse, eps, recipe):
         x, r, s, gate = merge(o, p, q, lse, eps)
-        ctx.recompute, ctx.o_dtype = recompute, o.dtype
-        ctx.save_for_backward(p, q, r, s, gate, *((lse, a_row, *blocks) if recompute else (x,)))
-        ctx.eps = eps
+        ctx.recipe, ctx.o_dtype = recipe, o.dtype
+        if recipe is not None:
+            recipe.packs += 1  # one more unpack of it in backward: ours
+        ctx.save_for_backward(p, q, r, s, gate, *(() if recipe is not None else (x,)))
         return x
 
     @staticmethod
     def backward(ctx, gx: Tensor):
         p, q, r, s, gate, *rest = ctx.saved_tensors
-        if ctx.recompute:
-            lse, a_row, *blocks = rest  # the forward's own ops on the same inputs: x is bitwise the same
-            x = merge(mix(a_row, blocks), p, q, lse, ctx.eps)[0]
-        else:
-            (x,) = rest
+        x = ctx.recipe.unpack() if ctx.recipe is not None else rest[0]
         go, gp, gq, dz = merge_backward(gx, p, x, q, r, s, gate)
-        return go.to(ctx.o_dtype), gp.to(p.dtype), gq, -dz, None, None, None, *([None] * (len(rest) - 2 if ctx.recompute else 0))
+        return go.to(ctx.o_dtype), gp.to(p.dtype), gq, -dz, None, None
+
+
+class BlockInputs:
+    """The sublayer inputs of one block that are recomputed in backward (residual.recompute): one
+    Recipe per sublayer, shared by its norm (recompute_hooks) and its Phase2. The first of them
+    recomputed in backward redoes phase 1's mixtures for all of them in one pass (each row
+    exactly as the forward's mix_many made it), and the others take theirs from it."""
+
+    def __init__(self, A: Tensor, blocks: tuple[Tensor, ...], rows: int) -> None:
+        self.A, self.blocks = A.detach()[..., :rows, :], blocks
+        self.o: dict[int, Tensor] = {}
+        self.recipes: dict[int, Recipe] = {}
+
+    def mixture(self, i: int) -> Tensor:
+        """Phase 1's output for the block's sublayer i, recomputed."""
+        if len(self.blocks) == 1:  # the first block: phase 1's outputs are the embedding itself
+            return self.blocks[0]
+        if i not in self.o:
+            self.o = dict(enumerate(mix_many(self.A, self.blocks)))
+        return self.o.pop(i)
+
+    def recipe(self, i: int, fn: Callable[[], Tensor]) -> Recipe:
+        """The Recipe of the block's sublayer i (``fn`` recomputes it), the same one every call."""
+        if i not in self.recipes:
+            self.recipes[i] = Recipe(fn)
+        return self.recipes[i]

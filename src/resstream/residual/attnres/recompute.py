@@ -47,10 +47,10 @@ def _tensor_key(t: Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
-def recompute_hooks(x: Tensor, fn: Callable[[], Tensor]) -> torch.autograd.graph.saved_tensors_hooks:
-    """saved_tensors_hooks under which autograd saves ``x`` as a recipe (``fn`` recomputes it, no
+def recompute_hooks(x: Tensor, recipe: Recipe) -> torch.autograd.graph.saved_tensors_hooks:
+    """saved_tensors_hooks under which autograd saves ``x`` as ``recipe`` (which recomputes it, no
     grad) instead of the tensor, so x is freed as soon as the code that read it lets it go."""
-    key, recipe = _tensor_key(x), Recipe(fn)
+    key = _tensor_key(x)
 
     def pack(t: Tensor):
         # x is a plain tensor; subclasses (DTensors under tensor parallelism) have no storage
@@ -88,5 +88,5 @@ class RecomputesInput:
     def _is_source(self, state: State, x: Tensor) -> bool:
         raise NotImplementedError
 
-    def _input_recipe(self, state: State, l: int) -> Callable[[], Tensor]:
+    def _input_recipe(self, state: State, l: int) -> Recipe:
         raise NotImplementedError
