@@ -120,7 +120,7 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
         # Phase 2: merge the partial sum into the phase-1 softmax (online-softmax identity).
         p, q = state["partial"], state["q"][l]
         # a recomputed input: phase 2 and the next norm share one Recipe instead of keeping x
-        recipe = self._input_recipe(state, l) if self.recomputes(l) and state.get("inputs") else None
+        recipe = self._input_recipe(state, l, keep=True) if self.recomputes(l) and state.get("inputs") else None
         return Phase2.apply(o[i], p, q, lse[..., i], self.eps, recipe)
 
     def read_weighted(self, state: State, l: int) -> tuple[Tensor, Tensor]:
@@ -163,12 +163,12 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
     def _is_source(self, state: State, x: Tensor) -> bool:
         return any(x is b for b in state["blocks"])
 
-    def _input_recipe(self, state: State, l: int) -> Recipe:
+    def _input_recipe(self, state: State, l: int, keep: bool = False) -> Recipe:
         i, inputs = l % self.S, state["inputs"]  # the phase-1 outputs themselves are not kept
         if i == 0:
-            return inputs.recipe(i, lambda: inputs.mixture(0))
+            return inputs.recipe(i, lambda: inputs.mixture(0), keep)
         p, q, lse_i, eps = state["partial"], state["q"][l].detach(), state["phase1"][1][..., i].detach(), self.eps
-        return inputs.recipe(i, lambda: merge(inputs.mixture(i), p, q, lse_i, eps)[0])
+        return inputs.recipe(i, lambda: merge(inputs.mixture(i), p, q, lse_i, eps)[0], keep)
 
     def stage_boundary(self, state: State, l: int) -> Boundary:
         # completed blocks never change (history); the open block's partial sum does (fresh)

@@ -115,8 +115,12 @@ class BlockInputs:
             self.o = dict(enumerate(mix_many(self.A, self.blocks)))
         return self.o.pop(i)
 
-    def recipe(self, i: int, fn: Callable[[], Tensor]) -> Recipe:
-        """The Recipe of the block's sublayer i (``fn`` recomputes it), the same one every call."""
-        if i not in self.recipes:
-            self.recipes[i] = Recipe(fn)
-        return self.recipes[i]
+    def recipe(self, i: int, fn: Callable[[], Tensor], keep: bool) -> Recipe:
+        """The Recipe of the block's sublayer i (``fn`` recomputes it): the one made by the call
+        that kept it (``keep``: phase 2, before the norm asks), else a new one. The norm's call
+        takes it out again: fn refers to this object, which must not hold it past the forward
+        (a reference cycle outlives the step until Python's cycle collector runs)."""
+        recipe = self.recipes.pop(i, None) or Recipe(fn)
+        if keep:
+            self.recipes[i] = recipe
+        return recipe

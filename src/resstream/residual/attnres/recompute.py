@@ -58,7 +58,10 @@ def recompute_hooks(x: Tensor, recipe: Recipe) -> torch.autograd.graph.saved_ten
         if type(t) is Tensor and _tensor_key(t) == key:
             recipe.packs += 1
             return recipe
-        return t
+        # every other saved tensor as a detached view (autograd restores its history on unpack):
+        # kept as is, an op's saved output would hold its own node, a cycle through C++ that
+        # nothing frees when no backward runs (a forward with grad, its result dropped)
+        return t.detach()
 
     def unpack(obj):
         return obj.unpack() if obj is recipe else obj
