@@ -114,7 +114,7 @@ def test_shared_mixture_helpers_keep_their_meaning():
 CASES = [
     ("attnres", {}, 4),
     ("attnres", {"recompute": True}, 3),
-    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True, "auto", 1)],
+    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True, 2, 1)],
     ("block_attnres", {"block_size": 7, "recompute": True}, 5),  # L = 10: one full block, one short
     ("block_attnres", {"block_size": 4, "key_norm_learnable": False}, 3),
 ]
@@ -130,7 +130,7 @@ def test_fast_path_matches_reference(kind, opts, layers, dtype, tol):
         assert rel_err(w, w_ref) < tol
 
 
-RECOMPUTE = [("attnres", {}, True), *[("block_attnres", {"block_size": s}, r) for s in (1, 3, 4) for r in (True, "auto")],
+RECOMPUTE = [("attnres", {}, True), *[("block_attnres", {"block_size": s}, r) for s in (1, 3, 4) for r in (True, 2)],
              ("block_attnres", {"block_size": 4}, 3)]
 
 
@@ -166,7 +166,7 @@ def test_block_recompute_leaves_no_reference_cycles(monkeypatch, backward):
         made.append(weakref.ref(self))
 
     monkeypatch.setattr(P.BlockInputs, "__init__", recording_init)
-    model = LM(tiny_cfg("block_attnres", n_layers=4, block_size=2))
+    model = LM(tiny_cfg("block_attnres", n_layers=4, block_size=4, recompute=2))
     idx = torch.randint(0, 61, (2, 9))
     gc.collect()  # what earlier tests left for the collector
     gc.disable()
@@ -187,12 +187,10 @@ def test_recompute_rejected_for_kinds_without_it():
     with pytest.raises(ConfigError, match="recompute"):
         ResidualConfig(kind="prenorm", recompute=True)
     assert ResidualConfig(kind="block_attnres", recompute=True).recompute
-    assert ResidualConfig(kind="block_attnres").recompute == "auto"
-    for bad in ("sometimes", -1, 1.5):
+    assert ResidualConfig(kind="block_attnres", recompute=2).recompute == 2
+    for bad in ("auto", -1, 1.5):
         with pytest.raises(ConfigError, match="recompute"):
             ResidualConfig(kind="block_attnres", recompute=bad)
-    # "auto" (the default) is nothing on the ablations' plain path; asking for more is an error
-    assert ResidualConfig(kind="block_attnres", score="sigmoid").recompute == "auto"
     with pytest.raises(ConfigError, match="ablation"):
         ResidualConfig(kind="block_attnres", score="sigmoid", recompute=2)
 
@@ -255,8 +253,8 @@ def test_saved_activations():
         assert kept - pre <= (L + 1.5) * act, (kind, opts, (kept - pre) / act)
         assert kept - lean >= (L - 1.5) * act, (kind, opts, (kept - lean) / act)
         assert lean - pre <= 2.5 * act, (kind, opts, (lean - pre) / act)
-    # Block's default recomputes the first two inputs of every block (not the embedding, a source)
+    # recompute=2: the first two inputs of every block (not the embedding, a source)
     for S, n_recomputed in [(2, L - 1), (4, 3)]:
-        default = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S)), idx)
+        two = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S, recompute=2)), idx)
         kept = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S, recompute=False)), idx)
-        assert abs((kept - default) / act - n_recomputed) < 0.5, (S, (kept - default) / act)
+        assert abs((kept - two) / act - n_recomputed) < 0.5, (S, (kept - two) / act)

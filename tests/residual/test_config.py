@@ -91,9 +91,7 @@ def _legacy(kind: str, **values) -> dict:
 @pytest.mark.parametrize("kind", available_kinds())
 def test_configs_saved_with_every_kinds_options_still_load(kind):
     model = ModelConfig.from_dict({"vocab_size": 10, "residual": _legacy(kind)})
-    # a saved recompute=false stays false (Block's default is "auto" now: same numbers, less memory)
-    kept = {"recompute": False} if kind == "block_attnres" else {}
-    assert model.residual == ResidualConfig(kind=kind, **kept)
+    assert model.residual == ResidualConfig(kind=kind)
 
 
 def test_saved_options_keep_their_values():

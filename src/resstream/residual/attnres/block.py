@@ -33,36 +33,26 @@ from resstream.residual.attnres.variants import AblationBlock, SwitchesToAblatio
 from resstream.residual.base import Boundary, State, register
 
 
-# The inputs "auto" recomputes per block: each costs one mixture of the completed blocks in
-# backward (and a merge), and together they bring Block's peak memory near PreNorm's.
-AUTO_RECOMPUTED = 2
-
-
 @dataclass
 class BlockOptions(FullOptions):
     """Block AttnRes: block_size S sublayers per block (S = 1 is Full AttnRes), and Full's options
     (the key norm, Table 4's ablations: query, score, key_norm, heads). ``recompute``: the
-    sublayer inputs recomputed in backward instead of kept (bitwise the same): true (all), false
-    (none), k (the first k of every block), "auto" (the first 2 of every block; none on the
-    ablation path)."""
+    sublayer inputs recomputed in backward instead of kept (bitwise the same): false (none),
+    true (all), or k (the first k of every block: less memory for less time than all)."""
 
     block_size: int = 4
-    recompute: bool | int | str = "auto"
+    recompute: bool | int = False
 
     def validate(self) -> None:
         rc = self.recompute
-        require(isinstance(rc, bool) or rc == "auto" or (isinstance(rc, int) and rc >= 0),
-                f"model.residual.recompute: true, false, \"auto\" or a number of inputs per block >= 0, got {rc!r}")
+        require(isinstance(rc, bool) or rc >= 0,
+                f"model.residual.recompute: true, false or a number of inputs per block >= 0, got {rc!r}")
         super().validate()
         require(self.block_size >= 1, f"model.residual.block_size: must be >= 1 (sublayers per block), got {self.block_size}")
 
-    def recompute_requested(self) -> bool:
-        return self.recompute not in (False, 0, "auto")
-
     def recomputed_per_block(self) -> int:
         """How many inputs of each block are recomputed (block_size or more: all)."""
-        rc = self.recompute
-        return AUTO_RECOMPUTED if rc == "auto" else self.block_size if rc is True else int(rc)
+        return self.block_size if self.recompute is True else int(self.recompute)
 
 
 @register("block_attnres", options=BlockOptions, reference=block_attnres_reference)
