@@ -32,6 +32,16 @@ static long tile_tokens(long D)
     for (long k_ = 0; k_ < tiles_; k_++)                                                         \
         for (long t0 = k_ * TT_, t1 = t0 + TT_ < (N) ? t0 + TT_ : (N), once_ = 1; once_; once_ = 0)
 
+/* The group of (up to) four items of n starting at j, as the loops below take them four at a time:
+ * their indices in ix (a group of fewer than four repeats its last item, which the caller weights
+ * 0); returns how many are real. */
+static inline int group4(int j, int n, int ix[4])
+{
+    const int m = n - j < 4 ? n - j : 4;
+    for (int i = 0; i < 4; i++) ix[i] = j + (i < m ? i : m - 1);
+    return m;
+}
+
 /* One output over tokens [t0, t1): o = acc + sum_j w[j][t * ws[j]] v[j][t] (acc may be NULL or o).
  * Sources go four at a time (o += c0 v0 + c1 v1 + c2 v2 + c3 v3: one pass over the output row
  * per four source rows). The one mixing loop of every kernel here, so that a mixture recomputed
@@ -40,9 +50,9 @@ static inline void mix_tile(long D, int n, const float **v, const float **w, con
                             float *out, long t0, long t1)
 {
     for (int j = 0; j < n; j += 4) {
-        const int m = n - j < 4 ? n - j : 4;
-        /* a group of fewer than four repeats its last source with weight 0 */
-        const float *v0 = v[j], *v1 = v[j + (m > 1)], *v2 = v[j + (m > 2 ? 2 : m - 1)], *v3 = v[j + m - 1];
+        int ix[4];
+        const int m = group4(j, n, ix);
+        const float *v0 = v[ix[0]], *v1 = v[ix[1]], *v2 = v[ix[2]], *v3 = v[ix[3]];
         for (long t = t0; t < t1; t++) {
             float *restrict o = out + t * D;
             const float *restrict r0 = v0 + t * D, *restrict r1 = v1 + t * D, *restrict r2 = v2 + t * D,
@@ -104,6 +114,12 @@ static inline float exp_nonpositive(float x)
  * x = sum_j alpha[j][t] v[j][t] (the mixing loop of rs_mix). */
 void rs_softmax_mix(long N, long D, int n, const float **v, const float **z, float *alpha, float *x, int nt)
 {
+    const float *cols[n];  /* where the mixing loop reads alpha back */
+    long ones[n];
+    for (int j = 0; j < n; j++) {
+        cols[j] = alpha + j * N;
+        ones[j] = 1;
+    }
     FOR_TILES(N, D, t0, t1) {
         for (long c0 = t0; c0 < t1; c0 += SOFTMAX_CHUNK) {
             const long m = t1 - c0 < SOFTMAX_CHUNK ? t1 - c0 : SOFTMAX_CHUNK;
@@ -132,12 +148,6 @@ void rs_softmax_mix(long N, long D, int n, const float **v, const float **z, flo
                 _Pragma("omp simd")
                 for (long t = 0; t < m; t++) aj[t] *= sum[t];
             }
-        }
-        const float *cols[n];
-        long ones[n];
-        for (int j = 0; j < n; j++) {
-            cols[j] = alpha + j * N;
-            ones[j] = 1;
         }
         mix_tile(D, n, v, cols, ones, NULL, x, t0, t1);
     }
@@ -272,8 +282,8 @@ void rs_source_backward(long N, long D, int M, const float *v, const float *r, c
 {
     FOR_TILES(N, D, t0, t1) {
         for (int m = 0; m < M; m += 4) {
-            const int k = M - m < 4 ? M - m : 4;  /* a group of fewer repeats its last reader, weight 0 */
-            const int i1 = m + (k > 1), i2 = m + (k > 2 ? 2 : k - 1), i3 = m + k - 1;
+            int ix[4];
+            const int k = group4(m, M, ix), i1 = ix[1], i2 = ix[2], i3 = ix[3];
             for (long t = t0; t < t1; t++) {
                 const float *restrict g0 = g[m] + t * D, *restrict g1 = g[i1] + t * D, *restrict g2 = g[i2] + t * D,
                             *restrict g3 = g[i3] + t * D, *restrict vt = v + t * D;
@@ -312,9 +322,10 @@ void rs_source_backward(long N, long D, int M, const float *v, const float *r, c
             for (int m = 0; m < M; m++) sdc += dz[m * N + t] * z[m][t];
             const float rt = r[t], coef = rt * rt * sdc / (float)D;
             for (int m = 0; m < M; m += 4) {
-                const int k = M - m < 4 ? M - m : 4;
-                const float *restrict q0 = q[m], *restrict q1 = q[m + (k > 1)], *restrict q2 = q[m + (k > 2 ? 2 : k - 1)],
-                            *restrict q3 = q[m + k - 1];
+                int ix[4];
+                const int k = group4(m, M, ix);
+                const float *restrict q0 = q[ix[0]], *restrict q1 = q[ix[1]], *restrict q2 = q[ix[2]],
+                            *restrict q3 = q[ix[3]];
                 const float w0 = rt * dz[m * N + t], w1 = k > 1 ? rt * dz[(m + 1) * N + t] : 0.0f,
                             w2 = k > 2 ? rt * dz[(m + 2) * N + t] : 0.0f, w3 = k > 3 ? rt * dz[(m + 3) * N + t] : 0.0f;
                 const float cv = m == 0 ? coef : 0.0f;
