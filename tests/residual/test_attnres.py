@@ -114,7 +114,7 @@ def test_shared_mixture_helpers_keep_their_meaning():
 CASES = [
     ("attnres", {}, 4),
     ("attnres", {"recompute": True}, 3),
-    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True, 2, 1)],
+    *[("block_attnres", {"block_size": s, "recompute": r}, 4) for s in (3, 4) for r in (False, True, 2, 1, "auto")],
     ("block_attnres", {"block_size": 7, "recompute": True}, 5),  # L = 10: one full block, one short
     ("block_attnres", {"block_size": 4, "key_norm_learnable": False}, 3),
 ]
@@ -130,8 +130,8 @@ def test_fast_path_matches_reference(kind, opts, layers, dtype, tol):
         assert rel_err(w, w_ref) < tol
 
 
-RECOMPUTE = [("attnres", {}, True), *[("block_attnres", {"block_size": s}, r) for s in (1, 3, 4) for r in (True, 2)],
-             ("block_attnres", {"block_size": 4}, 3)]
+RECOMPUTE = [("attnres", {}, True), *[("block_attnres", {"block_size": s}, r) for s in (1, 3, 4) for r in (True, 2, "auto")],
+             ("block_attnres", {"block_size": 4}, 3), ("block_attnres", {"block_size": 3}, 1)]
 
 
 @pytest.mark.parametrize("kind,opts,recompute", RECOMPUTE, ids=[f"{k}-{o}-{r}" for k, o, r in RECOMPUTE])
@@ -188,11 +188,28 @@ def test_recompute_rejected_for_kinds_without_it():
         ResidualConfig(kind="prenorm", recompute=True)
     assert ResidualConfig(kind="block_attnres", recompute=True).recompute
     assert ResidualConfig(kind="block_attnres", recompute=2).recompute == 2
-    for bad in ("auto", -1, 1.5):
+    assert ResidualConfig(kind="block_attnres").recompute == "auto"
+    for bad in ("sometimes", -1, 1.5):
         with pytest.raises(ConfigError, match="recompute"):
             ResidualConfig(kind="block_attnres", recompute=bad)
     with pytest.raises(ConfigError, match="ablation"):
         ResidualConfig(kind="block_attnres", score="sigmoid", recompute=2)
+    # "auto" asks for nothing: the ablations' plain path simply keeps every input
+    assert ResidualConfig(kind="block_attnres", score="sigmoid").recompute == "auto"
+
+
+def test_block_recompute_counts_blocks_from_the_first():
+    """recompute=k: the inputs of the first k blocks (the cheapest to recompute) and no others;
+    "auto" the first third of them (rounded up), true every block."""
+    def recomputed(rc):
+        stream = LM(tiny_cfg("block_attnres", n_layers=5, block_size=3, recompute=rc)).residual
+        return [l for l in range(stream.n_sublayers) if stream.recomputes(l)]
+
+    assert recomputed(False) == recomputed(0) == []
+    assert recomputed(1) == [0, 1, 2]
+    assert recomputed(2) == [0, 1, 2, 3, 4, 5]
+    assert recomputed("auto") == recomputed(2)  # 10 sublayers: 4 blocks
+    assert recomputed(True) == recomputed(9) == list(range(10))
 
 
 # ----------------------------------------------------------------------------- pseudo-queries
@@ -253,8 +270,8 @@ def test_saved_activations():
         assert kept - pre <= (L + 1.5) * act, (kind, opts, (kept - pre) / act)
         assert kept - lean >= (L - 1.5) * act, (kind, opts, (kept - lean) / act)
         assert lean - pre <= 2.5 * act, (kind, opts, (lean - pre) / act)
-    # recompute=2: the first two inputs of every block (not the embedding, a source)
-    for S, n_recomputed in [(2, L - 1), (4, 3)]:
-        two = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S, recompute=2)), idx)
+    # recompute=k: the inputs of the first k blocks (not the embedding, a source); "auto": a third
+    for S, k, n_recomputed in [(2, 2, 3), (4, 1, 3), (4, "auto", 3), (2, "auto", 3), (1, "auto", 2)]:
+        some = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S, recompute=k)), idx)
         kept = _bytes_kept_by_forward(LM(cfg("block_attnres", block_size=S, recompute=False)), idx)
-        assert abs((kept - two) / act - n_recomputed) < 0.5, (S, (kept - two) / act)
+        assert abs((kept - some) / act - n_recomputed) < 0.5, (S, k, (kept - some) / act)

@@ -23,7 +23,10 @@ def identity_cases():
     return cases, [case_id(c) for c in cases]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+# float32: whole-model gradients carry float32 rounding of every matmul, which depends on the
+# BLAS kernels the CPU gets (up to 1.2e-5 measured on an AVX2 machine, under 1e-5 with AVX-512);
+# float64 is the tight check of the formulas.
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 3e-5)])
 @pytest.mark.parametrize("kind,opts", KIND_CASES, ids=IDS)
 def test_matches_reference_forward_and_gradients(kind, opts, dtype, tol):
     model = LM(tiny_cfg(kind, **opts)).to(dtype)

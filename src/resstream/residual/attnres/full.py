@@ -120,8 +120,12 @@ class FullOptions(AblationOptions, RecomputeOption, PseudoQueryOptions):
 
     def validate(self) -> None:
         super().validate()
-        require(not (self.recompute and self.is_ablation()), "model.residual.recompute: not available with the "
-                "ablation options (query, score, key_norm, heads); set recompute=false")
+        require(not (self.recompute_requested() and self.is_ablation()), "model.residual.recompute: not available "
+                "with the ablation options (query, score, key_norm, heads); set recompute=false")
+
+    def recompute_requested(self) -> bool:
+        """Whether the user asked for recomputation (the ablations' plain path has none)."""
+        return bool(self.recompute)
 
 
 @register("attnres", options=FullOptions, reference=attnres_reference)
