@@ -143,9 +143,9 @@ def eligible(*tensors: Tensor) -> bool:
     the rare non-contiguous one contiguous), outside an outer torch.compile (which traces the
     eager formula instead)."""
     for t in tensors:
-        if type(t) not in (Tensor, torch.nn.Parameter):  # no subclasses (DTensor parameters included)
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:  # no subclasses (DTensors)
             return False
-        if t.device.type != "cpu" or t.dtype != torch.float32:
+        if t.dtype is not torch.float32 or not t.is_cpu:
             return False
     return not torch.compiler.is_compiling()
 
@@ -169,17 +169,28 @@ def _shape(v: Tensor) -> tuple[int, int]:
     return v.numel() // v.shape[-1], v.shape[-1]
 
 
+def _token_step(shape, strides) -> int | None:
+    """The one stride, in elements, from a token to the next over these (token) dims, or None when
+    they are not evenly strided (1 when there is a single token)."""
+    step = expected = None
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size == 1:
+            continue
+        if step is None:
+            step = stride
+        elif stride != expected:
+            return None
+        expected = stride * size
+    return 1 if step is None else step
+
+
 def _column(w: Tensor) -> tuple[int, int, Tensor]:
     """A per-token weight column w ([..., 1] or [...] over the tokens' dims) as (address, token
     stride in elements, the tensor that holds it): token t's weight sits at address + 4 t stride."""
     w = w[..., 0] if w.dim() > 1 and w.shape[-1] == 1 else w.reshape(-1) if w.dim() == 0 else w
-    step, expected = w.stride(-1), w.stride(-1)
-    for size, stride in zip(reversed(w.shape), reversed(w.stride())):
-        if size > 1 and stride != expected:  # token dims not evenly strided: copy (it is small)
-            w = w.contiguous()
-            step = 1
-            break
-        expected *= size
+    step = _token_step(w.shape, w.stride())
+    if step is None:  # token dims not evenly strided: copy (it is small)
+        w, step = w.contiguous(), 1
     return w.data_ptr(), step, w
 
 
@@ -194,9 +205,26 @@ def mix(lib, weights: list[list[Tensor]], values, accs=None) -> list[Tensor]:
     """out_s = acc_s + sum_j weights[s][j] values[j] for every s: ``weights`` S lists of n per-token
     columns (any float32 views, see _column), values n tensors [..., D]; ``accs``: None or S
     tensors/None. Returns S new tensors."""
-    N, D = _shape(values[0])
-    S, n = len(weights), len(values)
     wp, ws, wk = _columns([w for row in weights for w in row])
+    return _mix(lib, len(weights), wp, ws, values, accs)
+
+
+def mix_rows(lib, A: Tensor, values, accs=None) -> list[Tensor]:
+    """mix() with the weights as one float32 tensor A [..., S, n] (row s: output s's weights): the
+    columns' addresses come from A's strides, no view per column."""
+    S, n = A.shape[-2], A.shape[-1]
+    step = _token_step(A.shape[:-2], A.stride()[:-2])
+    if step is None:
+        A = A.contiguous()
+        step = S * n
+    base, ss, sj = A.data_ptr(), A.stride(-2), A.stride(-1)
+    wp = (_P * (S * n))(*[base + 4 * (s * ss + j * sj) for s in range(S) for j in range(n)])
+    return _mix(lib, S, wp, (_L * (S * n))(*[step] * (S * n)), values, accs)
+
+
+def _mix(lib, S: int, wp, ws, values, accs) -> list[Tensor]:
+    N, D = _shape(values[0])
+    n = len(values)
     outs = [torch.empty(values[0].shape, dtype=torch.float32) for _ in range(S)]
     (vp, vk), (op, _) = _ptrs(values), _ptrs(outs)
     acc, ak = (None, None) if accs is None else _ptrs(accs)
@@ -215,11 +243,6 @@ def softmax_mix(lib, z: list[Tensor], values) -> tuple[Tensor, Tensor]:
     (vp, vk), (zp, zk) = _ptrs(values), _ptrs(z)
     lib.rs_softmax_mix(N, D, n, vp, zp, alpha.data_ptr(), x.data_ptr(), threads(N * D * (n + 1)))
     return x, alpha.movedim(0, -1)
-
-
-def rows(A: Tensor) -> list[list[Tensor]]:
-    """The weight columns of A [..., S, n] as mix() takes them (a single mixture: A[..., None, :])."""
-    return [[A[..., s, j] for j in range(A.shape[-1])] for s in range(A.shape[-2])]
 
 
 def phase1_backward(lib, A: Tensor, grads, blocks, accs):
@@ -248,7 +271,7 @@ def merge_forward(lib, o: Tensor, p: Tensor, q: Tensor, lse: Tensor, eps: float)
     N, D = _shape(p)
     o, p, q, lse = contiguous(o), contiguous(p), contiguous(q), contiguous(lse)
     x = torch.empty_like(o)
-    r, s, gate = (torch.empty(p.shape[:-1], dtype=torch.float32) for _ in range(3))
+    r, s, gate = torch.empty(3, *p.shape[:-1], dtype=torch.float32)  # one allocation
     lib.rs_merge_forward(N, D, o.data_ptr(), p.data_ptr(), q.data_ptr(), lse.data_ptr(), eps, x.data_ptr(),
                          r.data_ptr(), s.data_ptr(), gate.data_ptr(), threads(3 * N * D))
     return x, r, s, gate

@@ -105,10 +105,9 @@ class BlockAttnRes(SwitchesToAblation, RecomputesInput, PseudoQueries):
         n_q = min(self.S, self.n_sublayers - l0)
         blocks = state["blocks"]
         # z[b, t, s, j] = logit of block j for query l0 + s; block j's columns start at row j*S
-        z = torch.stack(
-            [torch.stack([cols[l0 + s - j * self.S] for j, cols in enumerate(state["logits"])], dim=-1) for s in range(n_q)],
-            dim=-2,
-        )
+        logits = state["logits"]
+        z = torch.stack([cols[l0 + s - j * self.S] for s in range(n_q) for j, cols in enumerate(logits)], dim=-1)
+        z = z.unflatten(-1, (n_q, len(logits)))
         lse = torch.logsumexp(z, dim=-1)  # [B, T, S']
         alpha = torch.exp(z - lse.unsqueeze(-1))  # [B, T, S', n]
         if len(blocks) == 1:  # first block: the embedding is the only completed source

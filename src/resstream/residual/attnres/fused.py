@@ -119,7 +119,7 @@ def mix(a: Tensor, values: Sequence[Tensor], acc: Tensor | None = None) -> Tenso
     lib = native_kernels(*values, *(() if acc is None else (acc,)))
     if lib is not None:
         a = a.to(torch.float32)[..., None, :]  # one mixture
-        return native.mix(lib, native.rows(a), values, None if acc is None else [acc])[0]
+        return native.mix_rows(lib, a, values, None if acc is None else [acc])[0]
     if mix_chunk.usable(a, *values):
         a = a.to(torch.promote_types(stats_dtype(values[0]), a.dtype))
         for c, k in _chunks(len(values)):
@@ -196,7 +196,7 @@ def mix_many(A: Tensor, values: Sequence[Tensor]) -> list[Tensor]:
     block at once; the native kernel reads each source once for all of them."""
     lib = native_kernels(*values)
     if lib is not None:
-        return native.mix(lib, native.rows(A.to(torch.float32)), values)
+        return native.mix_rows(lib, A.to(torch.float32), values)
     return [mix(A[..., s, :], values) for s in range(A.shape[-2])]
 
 

@@ -50,12 +50,13 @@ def _tensor_key(t: Tensor) -> tuple:
 def recompute_hooks(x: Tensor, recipe: Recipe) -> torch.autograd.graph.saved_tensors_hooks:
     """saved_tensors_hooks under which autograd saves ``x`` as ``recipe`` (which recomputes it, no
     grad) instead of the tensor, so x is freed as soon as the code that read it lets it go."""
-    key = _tensor_key(x)
+    # not x itself: autograd keeps this pack function with every tensor it saves under it
+    key, ptr, xid = _tensor_key(x), x.data_ptr(), id(x)
 
     def pack(t: Tensor):
         # x is a plain tensor; subclasses (DTensors under tensor parallelism) have no storage
-        # of their own to compare.
-        if type(t) is Tensor and _tensor_key(t) == key:
+        # of their own to compare. (The cheap tests first: most saved tensors are not x.)
+        if id(t) == xid or (type(t) is Tensor and t.data_ptr() == ptr and _tensor_key(t) == key):
             recipe.packs += 1
             return recipe
         # every other saved tensor as a detached view (autograd restores its history on unpack):

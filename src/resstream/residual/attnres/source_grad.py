@@ -104,7 +104,7 @@ class KeyedRead(torch.autograd.Function):
 
 
 def _mix(lib, alpha: Tensor, values) -> Tensor:
-    return native.mix(lib, native.rows(alpha[..., None, :]), values)[0]
+    return native.mix_rows(lib, alpha[..., None, :], values)[0]
 
 
 def keyed_read(z: list[Tensor], sums: KeyedSums, ids: tuple[int, ...], row: int, values: tuple[Tensor, ...],
