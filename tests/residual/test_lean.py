@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import KIND_CASES, case_id, randomize_residual, rel_err, tiny_cfg
 from resstream import LM
 from resstream.model.generate import DecodeCache, prefill
-from resstream.residual import ResidualStream, get_kind
+from resstream.residual import ResidualStream, compiled, get_kind, native
 
 # the cases whose stream has its own lean path (the others, ablation variants included, decode
 # through their training path)
@@ -49,16 +49,26 @@ def test_lean_path_matches_reference(kind, opts, n_layers):
     assert len(scratch) == 2
 
 
+@pytest.mark.parametrize("mode", ["auto", "off"])  # float32 on a CPU: the native buffers, then PyTorch's
 @pytest.mark.parametrize("kind,opts", LEAN, ids=[case_id(c) for c in LEAN])
-def test_lean_path_float32_matches_training_path(kind, opts):
+def test_lean_path_float32_matches_training_path(kind, opts, mode):
     model = LM(tiny_cfg(kind, n_layers=3, **opts))
     randomize_residual(model)
     idx = torch.randint(0, 61, (3, 7))
     with torch.no_grad():
         full = model(idx)
-    cache = DecodeCache(model, batch=3)
-    steps = [prefill(model, idx[:, :4], cache)] + [model.decode(idx[:, t : t + 1], cache) for t in range(4, 7)]
+    previous = compiled.get_mode()
+    compiled.set_mode(mode)
+    try:
+        cache = DecodeCache(model, batch=3)
+        steps = [prefill(model, idx[:, :4], cache)] + [model.decode(idx[:, t : t + 1], cache) for t in range(4, 7)]
+    finally:
+        compiled.set_mode(previous)
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+    if kind != "denseformer":  # the AttnRes family's buffers (attnres/lean.py)
+        buffers = {type(b).__name__ for b in cache.residual_scratch.values()}
+        native_used = mode == "auto" and native.library()[0] is not None
+        assert buffers == ({"_NativeBuffers"} if native_used else {"_Buffers"}), buffers
 
 
 class _CountOps(TorchDispatchMode):
@@ -80,11 +90,25 @@ def _ops_per_step(model: LM) -> collections.Counter:
     return c.ops
 
 
+@pytest.mark.parametrize("mode", ["auto", "off"])
 @pytest.mark.parametrize("kind,per_sublayer", [("attnres", 5), ("block_attnres", 5), ("depth_swa", 5), ("denseformer", 2)])
-def test_decoding_step_costs_a_few_operators_per_sublayer(kind, per_sublayer):
+def test_decoding_step_costs_a_few_operators_per_sublayer(kind, per_sublayer, mode):
     """A steady decoding step: at most ``per_sublayer`` operators per sublayer beyond PreNorm's
     one add (AttnRes: a copy, RMSNorm and a matmul to write a source, a softmax and a matmul to
-    read), plus a constant for the queries; no autograd Functions, views made once."""
+    read), plus a constant for the queries; no autograd Functions, views made once. With the
+    native kernels (mode auto on a CPU) the AttnRes family's reads and logits are kernel calls:
+    one operator per sublayer (the copy or add into the slot) where PreNorm has its add."""
+    if mode == "auto" and kind != "denseformer" and native.library()[0] is not None:
+        per_sublayer = 0
+    previous = compiled.get_mode()
+    compiled.set_mode(mode)
+    try:
+        _check_ops(kind, per_sublayer)
+    finally:
+        compiled.set_mode(previous)
+
+
+def _check_ops(kind: str, per_sublayer: int) -> None:
     base = _ops_per_step(LM(tiny_cfg("prenorm", n_layers=4)))
     ops = _ops_per_step(LM(tiny_cfg(kind, n_layers=4)))
     L = 8

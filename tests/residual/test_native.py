@@ -45,9 +45,28 @@ def test_mixtures_and_dots_match_eager(n):
     assert _close(*_both(lambda: fused.mix_columns(cols, vs, acc)))
     A = torch.softmax(torch.randn(B, T, 4, n), -1)
     assert _close(*_both(lambda: fused.mix_many(A, vs)))
+    # weight tables from strides (native.mix_rows): rows and columns swapped, every other token,
+    # and token dims that are not evenly strided (copied)
+    for W in (torch.softmax(torch.randn(B, T, n, 4), -2).transpose(-1, -2),
+              torch.softmax(torch.randn(B, 2 * T, 4, n), -1)[:, ::2],
+              torch.softmax(torch.randn(B, T + 1, 4, n), -1)[:, :T]):
+        assert _close(*_both(lambda: fused.mix_many(W, vs)))
     gs = [torch.randn(B, T, D) for _ in range(3)]
     assert _close(*_both(lambda: fused.dots(gs[0], vs)))
     assert _close(*_both(lambda: fused.dots_many(gs, vs)))
+
+
+def test_normed_logits_match_float64():
+    """The lean decoder's write (rs_normed_logits): (q_k . v_t) / RMS(v_t) into a strided table,
+    nothing written outside it."""
+    lib = native.library()[0]
+    N, D, R, zrs = 13, 37, 5, 20
+    v, q = torch.randn(N, D) * 3, torch.randn(R, D)
+    z = torch.full((R, zrs), float("nan"))
+    lib.rs_normed_logits(N, D, R, v.data_ptr(), q.data_ptr(), 1e-6, z.data_ptr(), zrs, 1)
+    ref = (q.double() @ v.double().t()) * torch.rsqrt(v.double().pow(2).mean(-1) + 1e-6)
+    assert rel_err(z[:, :N], ref) < 1e-6
+    assert z[:, N:].isnan().all()
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 5, 9])

@@ -40,6 +40,7 @@ _L, _I, _F = ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "rs_mix": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _I],
     "rs_softmax_mix": [_L, _L, _I, _P, _P, _P, _P, _I],
+    "rs_normed_logits": [_L, _L, _I, _P, _P, _F, _P, _L, _I],
     "rs_phase1_backward": [_L, _L, _I, _I, _P, _P, _P, _P, _P, _P, _I],
     "rs_dots": [_L, _L, _I, _I, _P, _P, _P, _I],
     "rs_merge_forward": [_L, _L, _P, _P, _P, _P, _F, _P, _P, _P, _P, _I],

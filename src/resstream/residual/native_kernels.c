@@ -153,6 +153,28 @@ void rs_softmax_mix(long N, long D, int n, const float **v, const float **z, flo
     }
 }
 
+/* Logits of one source v [N, D] against R query rows q [R, D] (row-major), the source RMS-normed
+ * per token: z[k * zrs + t] = (q[k] . v[t]) / RMS(v[t]), RMS = sqrt(mean(v^2) + eps). The lean
+ * decoding path's write of a source (attnres/lean.py): its logits for every later row at once. */
+void rs_normed_logits(long N, long D, int R, const float *v, const float *q, float eps, float *z, long zrs, int nt)
+{
+    TOKENS_PARALLEL
+    for (long t = 0; t < N; t++) {
+        const float *restrict vt = v + t * D;
+        float ss = 0.0f;
+        _Pragma("omp simd reduction(+:ss)")
+        for (long d = 0; d < D; d++) ss += vt[d] * vt[d];
+        const float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (int k = 0; k < R; k++) {
+            const float *restrict qk = q + (long)k * D;
+            float acc = 0.0f;
+            _Pragma("omp simd reduction(+:acc)")
+            for (long d = 0; d < D; d++) acc += qk[d] * vt[d];
+            z[k * zrs + t] = acc * r;
+        }
+    }
+}
+
 /* Block AttnRes phase 1, backward, for one block's S queries over n completed blocks b_j (see
  * attnres/phases.py), one pass: gA[t, s, j] = <g[s][t], b[j][t]> and
  * gb[j][t] = acc[j][t] (if given) + sum_s A[t, s, j] g[s][t]; A, gA contiguous [N, S, n]; gb[j]

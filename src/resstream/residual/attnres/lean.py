@@ -11,6 +11,11 @@ over its column of Z and one batched matmul over V::
     write source i:  V[:, i] = v_i          Z[:, i, rows] = RMSNorm(v_i) @ Q[rows]^T
     read row r:      alpha = softmax(Z[:, :n, r])      x_r = alpha @ V[:, :n]
 
+On a CPU with the native kernels (residual/native.py; float32) the buffers are slot-major
+(V [slots, N, D], Z [L+1, slots, N]) and a read is one kernel call (the training path's
+softmax-and-mix kernel), a write's logits another (RMS norm and the dot products per token),
+with their pointer tables made once: no PyTorch operator at all beyond the copy into the slot.
+
 Sources a row does not see (outside depth_swa's window) keep logit -inf, so weight 0. The
 buffers and every view into them are made once per token count N and kept in the caller's
 ``scratch`` dict (``DecodeCache.residual_scratch``, alive for one generation), so a decoding
@@ -22,11 +27,15 @@ tests/test_generate.py decoding against the full forward for every kind.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resstream.residual import native
 from resstream.residual.base import State, stats_dtype
+from resstream.residual.compiled import native_kernels
 
 
 class _Buffers:
@@ -35,7 +44,7 @@ class _Buffers:
     def __init__(self, stream, emb: Tensor, slots: int) -> None:
         B, T, D = emb.shape
         L, N, dt = stream.n_sublayers, B * T, stats_dtype(emb)
-        self.stream, self.eps, self.D = stream, stream.eps, D
+        self.stream, self.eps, self.D, self.slots = stream, stream.eps, D, slots
         self.V = emb.new_empty(B, T, slots, D)
         self.Vn = self.V.view(N, slots, D)
         self.Z = torch.full((B, T, slots, L + 1), float("-inf"), dtype=dt, device=emb.device)
@@ -80,11 +89,54 @@ class _Buffers:
         return self.x_out
 
 
+class _NativeBuffers(_Buffers):
+    """The same buffers slot-major, for the native kernels (float32 CPU): a read is one call of
+    rs_softmax_mix, a source's logits one call of rs_normed_logits, their arguments made once."""
+
+    def __init__(self, stream, emb: Tensor, slots: int, lib) -> None:
+        B, T, D = emb.shape
+        L, N = stream.n_sublayers, B * T
+        self.stream, self.eps, self.D, self.N, self.lib, self.slots = stream, stream.eps, D, N, lib, slots
+        self.V = emb.new_empty(slots, B, T, D)
+        self.Z = torch.full((L + 1, slots, N), float("-inf"), dtype=torch.float32)
+        self.alpha = torch.empty(slots, N, dtype=torch.float32)
+        self.q = torch.empty(L + 1, D, dtype=torch.float32)
+        self.x = emb.new_empty(B, T, D)
+        self.x_out = self.x
+        self.slot = self.V.unbind(0)  # slot i: [B, T, D], contiguous
+        self._cols: dict[tuple[int, int, int], tuple] = {}
+        self._rows: dict[tuple[int, int], tuple] = {}
+
+    def logits(self, slot: int, v: Tensor, first: int, last: int) -> None:
+        """As _Buffers.logits; v must be the slot's own tensor (put() and BlockDecoder pass it)."""
+        key = (slot, first, last)
+        if key not in self._cols:
+            self._cols[key] = (self.slot[slot].data_ptr(), self.q[first].data_ptr(), self.Z[first, slot].data_ptr(),
+                               native.threads(self.N * self.D * (last - first + 2)))
+        vp, qp, zp, nt = self._cols[key]
+        self.lib.rs_normed_logits(self.N, self.D, last - first + 1, vp, qp, self.eps, zp, self.slots * self.N, nt)
+
+    def put(self, slot: int, v: Tensor, first: int, last: int) -> None:
+        self.slot[slot].copy_(v)
+        self.logits(slot, self.slot[slot], first, last)
+
+    def mix(self, row: int, n: int) -> Tensor:
+        key = (row, n)
+        if key not in self._rows:
+            vp = (ctypes.c_void_p * n)(*[self.slot[j].data_ptr() for j in range(n)])
+            zp = (ctypes.c_void_p * n)(*[self.Z[row, j].data_ptr() for j in range(n)])
+            self._rows[key] = (vp, zp, native.threads(self.N * self.D * (n + 1)))
+        vp, zp, nt = self._rows[key]
+        self.lib.rs_softmax_mix(self.N, self.D, n, vp, zp, self.alpha.data_ptr(), self.x.data_ptr(), nt)
+        return self.x_out
+
+
 def _buffers(stream, scratch: dict, emb: Tensor, slots: int) -> _Buffers:
-    key = (id(stream), tuple(emb.shape), emb.dtype, emb.device)
+    lib = native_kernels(emb, stream.queries)
+    key = (id(stream), tuple(emb.shape), emb.dtype, emb.device, lib is not None)
     buf = scratch.get(key)
     if buf is None:
-        buf = scratch[key] = _Buffers(stream, emb, slots)
+        buf = scratch[key] = _NativeBuffers(stream, emb, slots, lib) if lib is not None else _Buffers(stream, emb, slots)
     buf.refresh_queries()
     return buf
 
@@ -153,4 +205,4 @@ class BlockDecoder:
 
     def finish(self, state: State) -> Tensor:
         buf, L = state["buf"], self.stream.n_sublayers
-        return buf.mix(L, buf.V.shape[2])
+        return buf.mix(L, buf.slots)
