@@ -8,7 +8,7 @@ import torch
 
 from helpers import assert_matches_reference, randomize_residual, rel_err, tiny_cfg
 from resstream import LM
-from resstream.residual import compiled, native
+from resstream.residual import compiled, native, native_build
 from resstream.residual.attnres import fused
 from resstream.residual.hyper import native_streams, sinkhorn
 
@@ -166,21 +166,21 @@ def test_thread_count_changes_no_mixture():
 
 
 def test_build_is_cached(tmp_path, monkeypatch):
-    cc = native.compiler()
+    cc = native_build.compiler()
     monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))
-    first = native._build(cc)
+    first = native_build._build(cc)
     assert first.parent == tmp_path / "kernels" and first.exists()
     calls = []
-    real = native.subprocess.run
-    monkeypatch.setattr(native.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
-    assert native._build(cc) == first
+    real = native_build.subprocess.run
+    monkeypatch.setattr(native_build.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
+    assert native_build._build(cc) == first
     assert all("--version" in cmd for cmd in calls)  # asked the compiler's version, built nothing
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_no_compiler_falls_back_with_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(native, "_lib", {})
-    monkeypatch.setattr(native, "compiler", lambda: None)
+    monkeypatch.setattr(native_build, "_lib", {})
+    monkeypatch.setattr(native_build, "compiler", lambda: None)
     monkeypatch.setitem(compiled._state, "said", set())
     monkeypatch.setitem(compiled._state, "mode", "auto")
     v = torch.randn(B, T, D)
@@ -196,9 +196,9 @@ def test_no_compiler_falls_back_with_one_line(monkeypatch, capsys):
 
 
 def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setattr(native, "_lib", {})
+    monkeypatch.setattr(native_build, "_lib", {})
     monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))
-    path = native._build(native.compiler())
+    path = native_build._build(native_build.compiler())
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
     lib, _, why = native.library()
     assert lib is not None and why == ""
@@ -206,9 +206,9 @@ def test_damaged_cache_file_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_failed_build_says_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_lib", {})
+    monkeypatch.setattr(native_build, "_lib", {})
     monkeypatch.setenv("RESSTREAM_CACHE", str(tmp_path))
-    monkeypatch.setattr(native, "SOURCE", tmp_path / "broken.c")
+    monkeypatch.setattr(native_build, "SOURCE", tmp_path / "broken.c")
     (tmp_path / "broken.c").write_text("this is not C\n")
     lib, _, why = native.library()
     assert lib is None and "failed" in why and "\n" not in why
