@@ -32,8 +32,6 @@ the last DWA. The weights are the same at every token, returned expanded to [B, 
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import Tensor, nn
 
@@ -168,28 +166,36 @@ class DenseDecoder:
         key = (id(self.stream), tuple(emb.shape), emb.dtype, emb.device, lib is not None)
         if key not in self.scratch:
             self.scratch[key] = self._native_buffers(emb, lib) if lib is not None else self._buffers(emb)
-        slots, upto = self.scratch[key]
+        slots, dwa = self.scratch[key]
         slots[0].copy_(emb)
-        return {"h": emb, "slots": slots, "upto": upto}
+        return {"h": emb, "slots": slots, "dwa": dwa}
 
     def _buffers(self, emb: Tensor):
-        """X [B, T, n+1, D]: slot j, and slots 0..j as [B*T, j+1, D] for the DWA after block j."""
+        """X [B, T, n+1, D]: its slots, and the DWA after each block j (dwa[j]() -> Y_j): one matmul
+        of the weights with slots 0..j as [B*T, j+1, D]."""
         B, T, D = emb.shape
         X = emb.new_empty(B, T, self.stream.n_blocks + 1, D)
-        return X.unbind(2), [X.view(B * T, -1, D)[:, : j + 1] for j in range(X.shape[2])]
+
+        def dwa(j: int):
+            upto = X.view(B * T, -1, D)[:, : j + 1]
+
+            def run() -> Tensor:
+                a = self.stream.dwa[j - 1]
+                return torch.matmul(a if a.dtype == emb.dtype else a.to(emb.dtype), upto).view(emb.shape)
+            return run
+        return X.unbind(2), [None] + [dwa(j) for j in range(1, X.shape[2])]
 
     def _native_buffers(self, emb: Tensor, lib):
-        """float32 on a CPU: X slot-major [n+1, B, T, D], and for each DWA a native mixture (rs_mix,
+        """float32 on a CPU: X slot-major [n+1, B, T, D], and each DWA a native mixture (rs_mix,
         its weights the same for every token: token stride 0) into one output buffer, its pointer
         tables made once."""
         X, out = emb.new_empty(self.stream.n_blocks + 1, *emb.shape), emb.new_empty(emb.shape)
         slots, N, D = X.unbind(0), emb.numel() // emb.shape[-1], emb.shape[-1]
-        P = ctypes.c_void_p
 
         def dwa(j: int, a: Tensor):
-            vp = (P * (j + 1))(*[slots[i].data_ptr() for i in range(j + 1)])
-            wp = (P * (j + 1))(*[a.data_ptr() + 4 * i for i in range(j + 1)])
-            ws, op, nt = (ctypes.c_long * (j + 1))(), (P * 1)(out.data_ptr()), native.threads(N * D * (j + 2))
+            vp = native.addresses([slots[i].data_ptr() for i in range(j + 1)])
+            wp = native.addresses([a.data_ptr() + 4 * i for i in range(j + 1)])
+            ws, op, nt = native.longs([0] * (j + 1)), native.addresses([out.data_ptr()]), native.threads(N * D * (j + 2))
 
             def run() -> Tensor:
                 lib.rs_mix(N, D, j + 1, 1, vp, wp, ws, None, op, nt)
@@ -207,12 +213,7 @@ class DenseDecoder:
             return state
         j = l // 2 + 1  # block j is complete: X_j, then Y_j = sum_i a_ji X_i
         state["slots"][j].copy_(h)
-        upto = state["upto"][j]
-        if callable(upto):  # the native DWA (float32 CPU)
-            state["h"] = upto()
-            return state
-        a = self.stream.dwa[j - 1]
-        state["h"] = torch.matmul(a if a.dtype == h.dtype else a.to(h.dtype), upto).view(h.shape)
+        state["h"] = state["dwa"][j]()
         return state
 
     def finish(self, state: State) -> Tensor:

@@ -51,11 +51,22 @@ def contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def addresses(addrs: list) -> ctypes.Array:
+    """A C array of addresses (ints; None: NULL) for a kernel's pointer arguments. The caller
+    keeps the memory they point into alive (the lean decoders make theirs once and keep them)."""
+    return (_P * len(addrs))(*addrs)
+
+
+def longs(values: list[int]) -> ctypes.Array:
+    """A C array of longs (token strides)."""
+    return (_L * len(values))(*values)
+
+
 def _ptrs(ts) -> tuple[ctypes.Array, list]:
     """A C array of the tensors' data pointers (None: NULL), and the contiguous tensors it points
     into (keep them alive for the call)."""
     ts = [None if t is None else contiguous(t) for t in ts]
-    return (_P * len(ts))(*[None if t is None else t.data_ptr() for t in ts]), ts
+    return addresses([None if t is None else t.data_ptr() for t in ts]), ts
 
 
 def _shape(v: Tensor) -> tuple[int, int]:
@@ -91,7 +102,7 @@ def _columns(ws) -> tuple[ctypes.Array, ctypes.Array, list]:
     """Per-token weight columns (see _column) as C arrays of addresses and token strides, and the
     tensors that hold them (keep them alive for the call)."""
     cols = [_column(w) for w in ws]
-    return (_P * len(cols))(*[c[0] for c in cols]), (_L * len(cols))(*[c[1] for c in cols]), cols
+    return addresses([c[0] for c in cols]), longs([c[1] for c in cols]), cols
 
 
 def mix(lib, weights: list[list[Tensor]], values, accs=None) -> list[Tensor]:
@@ -111,8 +122,8 @@ def mix_rows(lib, A: Tensor, values, accs=None) -> list[Tensor]:
         A = A.contiguous()
         step = S * n
     base, ss, sj = A.data_ptr(), A.stride(-2), A.stride(-1)
-    wp = (_P * (S * n))(*[base + 4 * (s * ss + j * sj) for s in range(S) for j in range(n)])
-    return _mix(lib, S, wp, (_L * (S * n))(*[step] * (S * n)), values, accs)
+    wp = addresses([base + 4 * (s * ss + j * sj) for s in range(S) for j in range(n)])
+    return _mix(lib, S, wp, longs([step] * (S * n)), values, accs)
 
 
 def _mix(lib, S: int, wp, ws, values, accs) -> list[Tensor]:
@@ -195,11 +206,11 @@ def source_backward(lib, v: Tensor, r: Tensor, z: tuple[Tensor, list[int]], read
     direct = None if direct is None else contiguous(direct)
     c, rows = z
     assert c.is_contiguous() and all(a[0].stride(-1) == N for a, *_ in readers), "column layouts of softmax_mix"
-    zp = (_P * M)(*[c.data_ptr() + 4 * k * N for k in rows])
-    ap = (_P * M)(*[a.data_ptr() + 4 * k * N for (a, k), *_ in readers])
+    zp = addresses([c.data_ptr() + 4 * k * N for k in rows])
+    ap = addresses([a.data_ptr() + 4 * k * N for (a, k), *_ in readers])
     gp, gk = _ptrs([g for _, g, _, _ in readers])
     xp, xk = _ptrs([gx for _, _, gx, _ in readers])
-    qp = (_P * M)(*[q.data_ptr() + 4 * row * q.stride(0) for _, _, _, row in readers])
+    qp = addresses([q.data_ptr() + 4 * row * q.stride(0) for _, _, _, row in readers])
     gv = torch.empty(v.shape, dtype=torch.float32)
     dz = torch.empty(M, *v.shape[:-1], dtype=torch.float32)
     lib.rs_source_backward(N, D, M, v.data_ptr(), r.data_ptr(), zp, gp, ap, xp, qp,

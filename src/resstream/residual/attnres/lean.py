@@ -27,8 +27,6 @@ tests/test_generate.py decoding against the full forward for every kind.
 """
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -123,8 +121,8 @@ class _NativeBuffers(_Buffers):
     def mix(self, row: int, n: int) -> Tensor:
         key = (row, n)
         if key not in self._rows:
-            vp = (ctypes.c_void_p * n)(*[self.slot[j].data_ptr() for j in range(n)])
-            zp = (ctypes.c_void_p * n)(*[self.Z[row, j].data_ptr() for j in range(n)])
+            vp = native.addresses([self.slot[j].data_ptr() for j in range(n)])
+            zp = native.addresses([self.Z[row, j].data_ptr() for j in range(n)])
             self._rows[key] = (vp, zp, native.threads(self.N * self.D * (n + 1)))
         vp, zp, nt = self._rows[key]
         self.lib.rs_softmax_mix(self.N, self.D, n, vp, zp, self.alpha.data_ptr(), self.x.data_ptr(), nt)
