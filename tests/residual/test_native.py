@@ -153,9 +153,10 @@ def test_model_matches_reference_on_both_paths(mode, kind, opts):
 
 
 def test_thread_count_changes_no_mixture():
-    """Per-token kernels split tokens between threads: every mixture is bitwise the same."""
-    vs = [torch.randn(4, 64, 64) for _ in range(5)]
-    a = torch.softmax(torch.randn(4, 64, 5), -1)
+    """Per-token kernels split tokens between threads: every mixture is bitwise the same (1,200
+    tokens of 64: four whole tiles of 256 tokens and a part of one)."""
+    vs = [torch.randn(4, 300, 64) for _ in range(5)]
+    a = torch.softmax(torch.randn(4, 300, 5), -1)
     n = torch.get_num_threads()
     outs = []
     for threads in (1, 2):
@@ -163,6 +164,8 @@ def test_thread_count_changes_no_mixture():
         outs.append(native.mix(native.library()[0], [[a[..., j] for j in range(5)]], vs)[0])
     torch.set_num_threads(n)
     assert torch.equal(outs[0], outs[1])
+    x64 = sum(a[..., j : j + 1].double() * vs[j].double() for j in range(5))
+    assert rel_err(outs[0].double(), x64) < 1e-6
 
 
 def test_build_is_cached(tmp_path, monkeypatch):
